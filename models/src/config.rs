@@ -1,0 +1,173 @@
+//! `config.json` dispatch on `model_type`, and the checks shared by both families.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::decoder::DecoderConfig;
+use crate::qwen2::Qwen2Config;
+use crate::qwen3::Qwen3Config;
+use crate::{Error, Result};
+
+/// A parsed Hugging Face `config.json`, by family. The original JSON is kept so that a saved
+/// checkpoint writes back every field the user's file had, not only the ones we read.
+#[derive(Debug, Clone)]
+pub enum ModelConfig {
+    Qwen2(Qwen2Config, Value),
+    Qwen3(Qwen3Config, Value),
+}
+
+/// The dtype weights are held in during a run (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDType {
+    #[default]
+    F32,
+    BF16,
+}
+
+impl WeightDType {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::BF16),
+            other => Err(format!("unsupported dtype `{other}` (expected f32 or bf16)")),
+        }
+    }
+    pub fn burn(self) -> burn::tensor::DType {
+        match self {
+            Self::F32 => burn::tensor::DType::F32,
+            Self::BF16 => burn::tensor::DType::BF16,
+        }
+    }
+    /// The name Hugging Face writes in `config.json` (`dtype` / `torch_dtype`).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::BF16 => "bfloat16",
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Read and validate `config.json`. Unknown `model_type`s and options we do not implement are
+    /// rejected here, at load, with the file named.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let raw: Value =
+            serde_json::from_str(text).map_err(|e| Error::Json { path: path.into(), source: e })?;
+        let model_type = raw
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::invalid(path, "missing string field `model_type`"))?;
+        let cfg = match model_type {
+            "qwen2" => ModelConfig::Qwen2(parse(&raw, path)?, raw.clone()),
+            "qwen3" => ModelConfig::Qwen3(parse(&raw, path)?, raw.clone()),
+            other => {
+                return Err(Error::invalid(
+                    path,
+                    format!("unsupported model_type `{other}` (opsa implements `qwen2` and `qwen3`)"),
+                ))
+            }
+        };
+        cfg.decoder(path)?; // run every check now
+        Ok(cfg)
+    }
+
+    /// The decoder this checkpoint describes, after validation.
+    pub fn decoder(&self, path: &Path) -> Result<DecoderConfig> {
+        let d = match self {
+            ModelConfig::Qwen2(c, raw) => c.decoder(raw, path)?,
+            ModelConfig::Qwen3(c, raw) => c.decoder(raw, path)?,
+        };
+        d.validate(path)?;
+        Ok(d)
+    }
+
+    pub fn raw(&self) -> &Value {
+        match self {
+            ModelConfig::Qwen2(_, raw) | ModelConfig::Qwen3(_, raw) => raw,
+        }
+    }
+
+    /// `eos_token_id` from `config.json` (an integer or a list).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        ids_of(self.raw().get("eos_token_id"))
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(raw: &Value, path: &Path) -> Result<T> {
+    serde_json::from_value(raw.clone()).map_err(|e| Error::invalid(path, e.to_string()))
+}
+
+/// A token id field that may be an integer, a list of integers, or null.
+pub(crate) fn ids_of(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => vec![],
+    }
+}
+
+/// RoPE theta from either the classic fields (`rope_theta`, `rope_scaling`) or the newer
+/// `rope_parameters` block (transformers >= 5). Only the default (unscaled) rotary embedding is
+/// implemented; any scaling type is rejected rather than silently ignored.
+pub(crate) fn rope_theta(raw: &Value, default: f64, path: &Path) -> Result<f64> {
+    let mut theta = raw.get("rope_theta").and_then(Value::as_f64);
+    for key in ["rope_scaling", "rope_parameters"] {
+        match raw.get(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                let kind = m
+                    .get("rope_type")
+                    .or_else(|| m.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                if kind != "default" {
+                    return Err(Error::invalid(
+                        path,
+                        format!("{key}: rope type `{kind}` is not supported (only the default rotary embedding is)"),
+                    ));
+                }
+                if let Some(t) = m.get("rope_theta").and_then(Value::as_f64) {
+                    theta = Some(t);
+                }
+            }
+            Some(other) => return Err(Error::invalid(path, format!("{key}: expected an object, found {other}"))),
+        }
+    }
+    Ok(theta.unwrap_or(default))
+}
+
+/// Sliding-window attention that would actually change any layer's attention is rejected.
+pub(crate) fn check_no_sliding_window(raw: &Value, num_layers: usize, max_pos: usize, path: &Path) -> Result<()> {
+    if let Some(Value::Array(types)) = raw.get("layer_types") {
+        if let Some(i) = types.iter().position(|t| t.as_str() != Some("full_attention")) {
+            return Err(Error::invalid(
+                path,
+                format!("layer_types[{i}] = {}: only full attention is supported", types[i]),
+            ));
+        }
+        return Ok(());
+    }
+    let used = raw.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(false);
+    let window = raw.get("sliding_window").and_then(Value::as_u64).map(|w| w as usize);
+    let first = raw.get("max_window_layers").and_then(Value::as_u64).unwrap_or(num_layers as u64) as usize;
+    if used && first < num_layers && window.is_some_and(|w| w < max_pos) {
+        return Err(Error::invalid(
+            path,
+            "use_sliding_window = true with a window shorter than max_position_embeddings: sliding-window attention is not supported",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_act(act: &str, path: &Path) -> Result<()> {
+    if act != "silu" {
+        return Err(Error::invalid(path, format!("hidden_act `{act}` is not supported (expected silu)")));
+    }
+    Ok(())
+}

@@ -1,0 +1,466 @@
+//! The decoder shared by Qwen2 and Qwen3.
+//!
+//! The two families differ in three switches ([`DecoderConfig::qkv_bias`],
+//! [`DecoderConfig::qk_norm`], an explicit `head_dim`), so one implementation serves both; the
+//! per-family files ([`crate::qwen2`], [`crate::qwen3`]) turn each `config.json` into a
+//! [`DecoderConfig`]. Struct and field names equal Hugging Face state-dict names:
+//! `model.embed_tokens.weight`, `model.layers.{i}.self_attn.{q,k,v,o}_proj.{weight,bias}`,
+//! `model.layers.{i}.self_attn.{q,k}_norm.weight`, `model.layers.{i}.mlp.{gate,up,down}_proj.weight`,
+//! `model.layers.{i}.{input,post_attention}_layernorm.weight`, `model.norm.weight`,
+//! `lm_head.weight`.
+//!
+//! Deviations from the PyTorch reference, all deliberate:
+//! - Linear weights are held as `[in, out]` (Burn's convention); Hugging Face stores `[out, in]`.
+//!   [`crate::checkpoint`] transposes at load and save.
+//! - Attention never materialises repeated K/V heads: queries are grouped per KV head instead
+//!   (`[b, n_kv, groups * t, d]`), which gives the same products without copying the cache.
+//! - Masked positions get a large negative bias instead of `-inf`, so that rows made only of
+//!   padding stay finite.
+//! As in the reference, RMSNorm, the attention softmax and the logits are computed in f32
+//! whatever the weight dtype.
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
+
+use crate::{Error, Result};
+
+/// Bias added to masked attention scores (finite, so fully padded rows stay finite).
+pub const MASK_VALUE: f32 = -1.0e9;
+
+/// Architecture hyper-parameters, after the family-specific `config.json` was read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    /// Qwen2: q/k/v projections have a bias. Qwen3: `attention_bias` (also on `o_proj`).
+    pub qkv_bias: bool,
+    /// Qwen3 with `attention_bias`: `o_proj` has a bias too (never in Qwen2).
+    pub o_bias: bool,
+    /// Qwen3: per-head RMSNorm on q and k before RoPE.
+    pub qk_norm: bool,
+}
+
+impl DecoderConfig {
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid(path, m));
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be positive"));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
+        }
+        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+            return bad("rms_norm_eps and rope_theta must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Number of parameters (the tied head counted once).
+    pub fn num_parameters(&self) -> usize {
+        let (h, i, d) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let (nq, nkv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
+        let mut attn = h * nq + 2 * h * nkv + nq * h;
+        if self.qkv_bias {
+            attn += nq + 2 * nkv;
+        }
+        if self.o_bias {
+            attn += h;
+        }
+        if self.qk_norm {
+            attn += 2 * d;
+        }
+        let layer = attn + 3 * h * i + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        self.vocab_size * h + self.num_hidden_layers * layer + h + head
+    }
+}
+
+/// `y = x W + b`, with `W` held as `[in, out]`.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[d_in, d_out]` (the transpose of the Hugging Face tensor).
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[d_out]`
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// # Shapes
+    /// - x: `[..., d_in]` → `[..., d_out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+}
+
+/// Root-mean-square layer norm, computed in f32 and cast back, as in the reference.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[d]`
+    pub weight: Param<Tensor<B, 1>>,
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// # Shapes
+    /// - x: `[..., d]` → `[..., d]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
+        let var = x.clone().square().mean_dim(D - 1);
+        let x = x * (var + self.eps).sqrt().recip();
+        x.cast(dtype) * self.weight.val().unsqueeze::<D>()
+    }
+}
+
+/// Token embedding table.
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    /// `[vocab, hidden]` (same layout as Hugging Face).
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Embedding<B> {
+    /// # Shapes
+    /// - ids: `[b, t]` → `[b, t, hidden]`
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let hidden = self.weight.dims()[1];
+        self.weight.val().select(0, ids.reshape([b * t])).reshape([b, t, hidden])
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+/// Rotary tables for one call: `cos`, `sin` of shape `[b, 1, t, head_dim]`, in the model dtype.
+#[derive(Debug, Clone)]
+pub struct Rope<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> Rope<B> {
+    /// Build the tables for explicit positions (`positions[row * t + j]`), computed as the
+    /// reference does: f32 inverse frequencies, f32 angles, cos/sin in f32, then cast.
+    pub fn new(positions: &[usize], b: usize, t: usize, head_dim: usize, theta: f64, dtype: DType, device: &B::Device) -> Self {
+        let half = head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| {
+                let e = (2 * i) as f32 / head_dim as f32;
+                1.0f32 / (theta as f32).powf(e)
+            })
+            .collect();
+        let mut cos = Vec::with_capacity(b * t * head_dim);
+        let mut sin = Vec::with_capacity(b * t * head_dim);
+        for &p in positions {
+            let angles: Vec<f32> = inv.iter().map(|&f| p as f32 * f).collect();
+            // The reference concatenates the angles with themselves: [a, a].
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let mk = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [b, 1, t, head_dim]), (device, dtype));
+        Rope { cos: mk(cos), sin: mk(sin) }
+    }
+
+    /// `x * cos + rotate_half(x) * sin`, with `rotate_half([x1, x2]) = [-x2, x1]`.
+    ///
+    /// # Shapes
+    /// - x: `[b, heads, t, head_dim]`
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let d = x.dims()[3];
+        let x1 = x.clone().narrow(3, 0, d / 2);
+        let x2 = x.clone().narrow(3, d / 2, d / 2);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+/// A pre-allocated key/value cache for every layer, written in place as tokens arrive.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    /// Per layer `(k, v)`, each `[b, n_kv, capacity, head_dim]`.
+    pub layers: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
+    /// Number of positions already written.
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(cfg: &DecoderConfig, batch: usize, capacity: usize, dtype: DType, device: &B::Device) -> Self {
+        let shape = [batch, cfg.num_key_value_heads, capacity, cfg.head_dim];
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| (Tensor::zeros(shape, (device, dtype)), Tensor::zeros(shape, (device, dtype))))
+            .collect();
+        KvCache { layers, len: 0, capacity }
+    }
+
+    /// Keep only the given batch rows (finished rows stop costing compute).
+    pub fn retain_rows(&mut self, rows: Tensor<B, 1, Int>) {
+        for (k, v) in self.layers.iter_mut() {
+            *k = k.clone().select(0, rows.clone());
+            *v = v.clone().select(0, rows.clone());
+        }
+    }
+
+    pub fn batch(&self) -> usize {
+        self.layers.first().map(|(k, _)| k.dims()[0]).unwrap_or(0)
+    }
+}
+
+/// Grouped-query self-attention.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    /// Qwen3 only.
+    pub q_norm: Option<RmsNorm<B>>,
+    /// Qwen3 only.
+    pub k_norm: Option<RmsNorm<B>>,
+    #[module(skip)]
+    pub num_heads: usize,
+    #[module(skip)]
+    pub num_kv_heads: usize,
+    #[module(skip)]
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// - x: `[b, t, hidden]`
+    /// - mask: `[b, 1, t, past + t]`, 0 where attention is allowed, [`MASK_VALUE`] where not
+    /// - returns `[b, t, hidden]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: Tensor<B, 4>,
+        cache: Option<(&mut (Tensor<B, 4>, Tensor<B, 4>), usize)>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let groups = nh / nkv;
+
+        // 1. Project: [b, t, heads, d].
+        let q = self.q_proj.forward(x.clone()).reshape([b, t, nh, d]);
+        let k = self.k_proj.forward(x.clone()).reshape([b, t, nkv, d]);
+        let v = self.v_proj.forward(x).reshape([b, t, nkv, d]);
+
+        // 2. Qwen3: per-head RMSNorm of q and k, before RoPE.
+        let q = match &self.q_norm {
+            Some(n) => n.forward(q),
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(n) => n.forward(k),
+            None => k,
+        };
+
+        // 3. Heads first, then rotary embedding: [b, heads, t, d].
+        let q = rope.apply(q.swap_dims(1, 2));
+        let k = rope.apply(k.swap_dims(1, 2));
+        let v = v.swap_dims(1, 2);
+
+        // 4. KV cache: write the new positions in place, attend over everything written so far.
+        let (k, v) = match cache {
+            Some(((kc, vc), past)) => {
+                let end = past + t;
+                *kc = kc.clone().slice_assign([0..b, 0..nkv, past..end, 0..d], k);
+                *vc = vc.clone().slice_assign([0..b, 0..nkv, past..end, 0..d], v);
+                (kc.clone().narrow(2, 0, end), vc.clone().narrow(2, 0, end))
+            }
+            None => (k, v),
+        };
+        let l = k.dims()[2];
+
+        // 5. Scores per KV head with its query group stacked: [b, n_kv, groups * t, L].
+        let q = q.reshape([b, nkv, groups * t, d]);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
+        let dtype = scores.dtype();
+        // 6. Mask and softmax in f32: [b, n_kv, groups, t, L] + [b, 1, 1, t, L].
+        let scores = scores.cast(FloatDType::F32).reshape([b, nkv, groups, t, l])
+            + mask.cast(FloatDType::F32).unsqueeze_dim::<5>(1);
+        let probs = softmax(scores, 4).cast(dtype).reshape([b, nkv, groups * t, l]);
+
+        // 7. Weighted values, heads back together: [b, t, heads * d].
+        let out = probs.matmul(v).reshape([b, nh, t, d]).swap_dims(1, 2).reshape([b, t, nh * d]);
+        self.o_proj.forward(out)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: Tensor<B, 4>,
+        cache: Option<(&mut (Tensor<B, 4>, Tensor<B, 4>), usize)>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// `model.*` in the Hugging Face state dict.
+#[derive(Module, Debug)]
+pub struct Model<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+/// A causal language model: the decoder and its head (`lm_head`, or the embedding when tied).
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    pub model: Model<B>,
+    /// `None` when `tie_word_embeddings` is set.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    pub config: DecoderConfig,
+}
+
+/// Where each token sits: its rotary position and which keys it may attend to.
+#[derive(Debug, Clone)]
+pub struct Positions {
+    pub batch: usize,
+    pub len: usize,
+    /// Rotary position of token `j` of row `r` at `[r * len + j]`.
+    pub positions: Vec<usize>,
+    /// `[b, 1, len, past + len]`: 0 = attend, [`MASK_VALUE`] = masked.
+    pub mask: Vec<f32>,
+    pub keys: usize,
+}
+
+impl Positions {
+    /// Plain causal attention over `len` tokens at positions `0..len` for every row.
+    pub fn causal(batch: usize, len: usize) -> Self {
+        let valid = vec![vec![true; len]; batch];
+        let pos: Vec<Vec<usize>> = vec![(0..len).collect(); batch];
+        Self::with_cache(&valid, &pos, 0)
+    }
+
+    /// General form. `key_valid[r]` has one flag per key position (`past + len` of them;
+    /// `false` for padding), `positions[r]` one rotary position per new token. New token `j`
+    /// sits at key index `past + j` and attends to valid keys at indices `<= past + j`.
+    pub fn with_cache(key_valid: &[Vec<bool>], positions: &[Vec<usize>], past: usize) -> Self {
+        let batch = key_valid.len();
+        let len = positions.first().map(Vec::len).unwrap_or(0);
+        let keys = past + len;
+        let mut mask = Vec::with_capacity(batch * len * keys);
+        for row in key_valid {
+            for j in 0..len {
+                let q = past + j;
+                mask.extend((0..keys).map(|k| if k <= q && row[k] { 0.0 } else { MASK_VALUE }));
+            }
+        }
+        Positions { batch, len, positions: positions.concat(), mask, keys }
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    pub fn dtype(&self) -> DType {
+        self.model.norm.weight.val().dtype()
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.model.norm.weight.device()
+    }
+
+    /// Final hidden states (after the last norm).
+    ///
+    /// # Shapes
+    /// - ids: `[b, t]` → `[b, t, hidden]`
+    pub fn forward_hidden(&self, ids: Tensor<B, 2, Int>, pos: &Positions, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let device = ids.device();
+        let dtype = self.dtype();
+        let c = &self.config;
+        let rope = Rope::new(&pos.positions, b, t, c.head_dim, c.rope_theta, dtype, &device);
+        let mask = Tensor::<B, 4>::from_data(TensorData::new(pos.mask.clone(), [b, 1, t, pos.keys]), (&device, dtype));
+        let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        let mut x = self.model.embed_tokens.forward(ids);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], past));
+            x = layer.forward(x, &rope, mask.clone(), layer_cache);
+        }
+        if let Some(c) = cache {
+            c.len = past + t;
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Logits in f32.
+    ///
+    /// # Shapes
+    /// - hidden: `[b, t, hidden]` → `[b, t, vocab]`
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze::<3>()),
+        };
+        logits.cast(FloatDType::F32)
+    }
+
+    /// Logits of every position of un-padded sequences (positions `0..t`).
+    ///
+    /// # Shapes
+    /// - ids: `[b, t]` → `[b, t, vocab]` (f32)
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let h = self.forward_hidden(ids, &Positions::causal(b, t), None);
+        self.logits(h)
+    }
+}

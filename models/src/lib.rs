@@ -1,0 +1,27 @@
+//! `opsa-models`: the Qwen2 (DeepSeek-R1-Distill-Qwen) and Qwen3 decoder families in Burn, and
+//! Hugging Face folder I/O (config, safetensors in and out, tokenizer, chat template).
+//!
+//! - [`qwen2`] and [`qwen3`] hold each family's `config.json` schema, with Hugging Face field
+//!   names verbatim, and what each family switches on in the shared decoder.
+//! - [`decoder`] is the one decoder both families use: RMSNorm, rotate-half RoPE, grouped-query
+//!   attention with an optional KV cache, SwiGLU MLP. Field names equal Hugging Face state-dict
+//!   names (`model.layers.0.self_attn.q_proj.weight`, ...).
+//! - [`checkpoint`] reads and writes safetensors (single file or sharded) and whole HF folders.
+//! - [`tokenizer`] wraps `tokenizer.json`, the chat template and the EOS ids.
+//!
+//! All model code is generic over `B: Backend`.
+
+pub mod checkpoint;
+pub mod decoder;
+pub mod qwen2;
+pub mod qwen3;
+pub mod tokenizer;
+
+mod config;
+mod error;
+
+pub use checkpoint::{load_model, save_model, LoadOptions};
+pub use config::{ModelConfig, WeightDType};
+pub use decoder::{CausalLm, DecoderConfig, KvCache};
+pub use error::{Error, Result};
+pub use tokenizer::{ChatMessage, HfTokenizer};

@@ -1,0 +1,343 @@
+//! `opsa`: the command-line interface. Thin: argument parsing, backend choice, file I/O and
+//! output formatting; the work is done in the library crates.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use opsa_generate::{generate, score, SamplingParams};
+use opsa_models::{load_model, ChatMessage, HfTokenizer, LoadOptions, ModelConfig, WeightDType};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "opsa", version, about = "On-policy self-distillation for safety alignment of reasoning LLMs (Burn)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate responses from a Hugging Face model folder (Qwen2 / R1-Distill-Qwen, Qwen3).
+    Generate(GenerateArgs),
+    /// Log-probabilities of a given response after a prompt (teacher forcing).
+    Score(ScoreArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BackendKind {
+    /// Pure-Rust CPU reference (deterministic; the test backend).
+    Ndarray,
+    /// Faster pure-Rust CPU backend.
+    Flex,
+    /// GPU through wgpu (Vulkan/Metal/DX12; lavapipe on CPU).
+    Wgpu,
+    /// NVIDIA GPUs through CUDA.
+    Cuda,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json, ...).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Compute backend; only backends compiled in (cargo features) are available.
+    /// Default: the first compiled in of ndarray, flex, wgpu, cuda.
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+    /// Weight dtype during the run: f32 (CPU default) or bf16 (GPU). Norms, softmax and
+    /// log-probs are computed in f32 either way.
+    #[arg(long, default_value = "f32", value_parser = WeightDType::parse)]
+    dtype: WeightDType,
+    /// Render the prompt with the model's chat template (one user message plus the
+    /// generation prompt), as `apply_chat_template(add_generation_prompt=True)`.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system message placed before the user message.
+    #[arg(long, value_name = "TEXT", requires = "chat")]
+    system: Option<String>,
+    /// With --chat: an extra template variable, KEY=VALUE, VALUE parsed as JSON when it parses
+    /// (e.g. `--template-var enable_thinking=false` for Qwen3). Repeatable.
+    #[arg(long = "template-var", value_name = "KEY=VALUE", requires = "chat")]
+    template_vars: Vec<String>,
+    /// Print JSON instead of text for people.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// A prompt (repeatable). Give --prompt or --prompts-file.
+    #[arg(long, value_name = "TEXT")]
+    prompt: Vec<String>,
+    /// JSONL file, one object per line with a string field `prompt` (other fields are ignored).
+    #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
+    prompts_file: Option<PathBuf>,
+    /// Prompts run together in one batch.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// Maximum number of generated tokens per prompt.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Random seed; a prompt's sample depends on the seed and its index, not on the batch.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the response contains this text (repeatable; excluded from `text`).
+    #[arg(long = "stop", value_name = "TEXT")]
+    stop: Vec<String>,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// The prompt (raw text, no special tokens added; with --chat, rendered as a user message).
+    #[arg(long)]
+    prompt: String,
+    /// The response whose tokens are scored; tokenised on its own and appended to the prompt.
+    #[arg(long)]
+    response: String,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error: {info}");
+    }));
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Generate(a) => dispatch(a.m.backend, |r| r.generate(a)),
+        Command::Score(a) => dispatch(a.m.backend, |r| r.score(a)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a command on one backend; implemented once, generically, in [`Runner`].
+struct Runner<B: Backend> {
+    device: B::Device,
+}
+
+fn default_backend() -> Result<BackendKind> {
+    let compiled = [
+        (cfg!(feature = "ndarray"), BackendKind::Ndarray),
+        (cfg!(feature = "flex"), BackendKind::Flex),
+        (cfg!(feature = "wgpu"), BackendKind::Wgpu),
+        (cfg!(feature = "cuda"), BackendKind::Cuda),
+    ];
+    compiled.iter().find(|(on, _)| *on).map(|(_, k)| *k).context("this binary was built without any backend feature")
+}
+
+fn dispatch(kind: Option<BackendKind>, f: impl FnOnce(&dyn Commands) -> Result<()>) -> Result<()> {
+    let kind = match kind {
+        Some(k) => k,
+        None => default_backend()?,
+    };
+    match kind {
+        #[cfg(feature = "ndarray")]
+        BackendKind::Ndarray => f(&Runner::<burn::backend::NdArray> { device: Default::default() }),
+        #[cfg(feature = "flex")]
+        BackendKind::Flex => f(&Runner::<burn::backend::Flex> { device: Default::default() }),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => f(&Runner::<burn::backend::Wgpu> { device: Default::default() }),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => f(&Runner::<burn::backend::Cuda> { device: Default::default() }),
+        #[allow(unreachable_patterns)]
+        other => bail!(
+            "backend `{}` is not compiled into this binary; rebuild with `--features {}`",
+            format!("{other:?}").to_lowercase(),
+            format!("{other:?}").to_lowercase()
+        ),
+    }
+}
+
+/// The commands, implemented once generically over the backend by [`Runner`].
+trait Commands {
+    fn generate(&self, a: &GenerateArgs) -> Result<()>;
+    fn score(&self, a: &ScoreArgs) -> Result<()>;
+}
+
+fn parse_template_vars(vars: &[String]) -> Result<serde_json::Map<String, Value>> {
+    let mut m = serde_json::Map::new();
+    for kv in vars {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--template-var `{kv}`: expected KEY=VALUE"))?;
+        let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+        m.insert(k.to_string(), value);
+    }
+    Ok(m)
+}
+
+/// Model, tokenizer and the prompt encoder shared by the commands.
+struct Loaded<B: Backend> {
+    model: opsa_models::CausalLm<B>,
+    tok: HfTokenizer,
+    vars: serde_json::Map<String, Value>,
+}
+
+impl<B: Backend> Loaded<B> {
+    fn open(m: &ModelArgs, device: &B::Device) -> Result<Self> {
+        let vars = parse_template_vars(&m.template_vars)?;
+        if !m.model.is_dir() {
+            bail!("{}: model folder does not exist or is not a folder", m.model.display());
+        }
+        // Config and tokenizer are checked against each other before any weight is read.
+        let config_path = m.model.join("config.json");
+        let config = ModelConfig::from_file(&config_path)?;
+        let tok = HfTokenizer::from_dir(&m.model)?;
+        tok.check_vocab(config.decoder(&config_path)?.vocab_size)?;
+        let (model, _) = load_model::<B>(&m.model, &LoadOptions { dtype: m.dtype }, device)?;
+        if m.chat && !tok.has_chat_template() {
+            // Fail before any work, with the folder named.
+            tok.apply_chat_template(&[], true, &vars)?;
+        }
+        Ok(Loaded { model, tok, vars })
+    }
+
+    fn encode_prompt(&self, m: &ModelArgs, prompt: &str) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        let ids = if m.chat {
+            let mut msgs = Vec::new();
+            if let Some(s) = &m.system {
+                msgs.push(ChatMessage::system(s));
+            }
+            msgs.push(ChatMessage::user(prompt));
+            self.tok.encode_chat(&msgs, &self.vars)?
+        } else {
+            self.tok.encode(prompt, false)?
+        };
+        if ids.is_empty() {
+            bail!("the prompt tokenised to no tokens");
+        }
+        Ok(ids)
+    }
+}
+
+fn read_prompts_file(path: &Path) -> Result<Vec<String>> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open prompts file {}", path.display()))?;
+    let mut prompts = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value =
+            serde_json::from_str(&line).with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
+        match v.get("prompt") {
+            Some(Value::String(s)) if !s.is_empty() => prompts.push(s.clone()),
+            Some(Value::String(_)) => bail!("{}:{}: `prompt` is empty", path.display(), i + 1),
+            _ => bail!("{}:{}: expected a string field `prompt`", path.display(), i + 1),
+        }
+    }
+    if prompts.is_empty() {
+        bail!("{}: no prompts in the file", path.display());
+    }
+    Ok(prompts)
+}
+
+impl<B: Backend> Commands for Runner<B> {
+    fn generate(&self, a: &GenerateArgs) -> Result<()> {
+        let prompts = match &a.prompts_file {
+            Some(p) => read_prompts_file(p)?,
+            None if a.prompt.is_empty() => bail!("give --prompt TEXT or --prompts-file FILE"),
+            None => a.prompt.clone(),
+        };
+        let params = SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            max_new_tokens: a.max_new_tokens,
+            seed: a.seed,
+            stop_strings: a.stop.clone(),
+        };
+        params.validate()?;
+        let l = Loaded::<B>::open(&a.m, &self.device)?;
+        let encoded: Vec<Vec<u32>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| l.encode_prompt(&a.m, p).with_context(|| format!("prompt {i}")))
+            .collect::<Result<_>>()?;
+        let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} prompts [{elapsed_precise} < {eta_precise}]")
+                .expect("valid template"),
+        );
+        if prompts.len() == 1 {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let bs = a.batch_size as usize;
+        for start in (0..prompts.len()).step_by(bs) {
+            let end = (start + bs).min(prompts.len());
+            let idx: Vec<u64> = (start as u64..end as u64).collect();
+            let gens = generate(&l.model, &encoded[start..end], &idx, &params, l.tok.eos_ids(), Some(&l.tok))?;
+            for (i, g) in (start..end).zip(gens) {
+                if a.m.json {
+                    let obj = json!({
+                        "index": i,
+                        "prompt": prompts[i],
+                        "prompt_ids": g.prompt_ids,
+                        "token_ids": g.token_ids,
+                        "text": g.text,
+                        "logprobs": g.logprobs,
+                        "finish_reason": g.finish_reason.as_str(),
+                    });
+                    writeln!(out, "{obj}")?;
+                } else {
+                    if prompts.len() > 1 {
+                        writeln!(out, "=== prompt {i}: {}", prompts[i])?;
+                    }
+                    writeln!(out, "{}", g.text)?;
+                    writeln!(
+                        out,
+                        "[{} tokens, finish: {}, mean log-prob {:.3}]",
+                        g.token_ids.len(),
+                        g.finish_reason.as_str(),
+                        g.logprobs.iter().sum::<f32>() / g.logprobs.len().max(1) as f32
+                    )?;
+                }
+            }
+            out.flush()?;
+            bar.inc((end - start) as u64);
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+
+    fn score(&self, a: &ScoreArgs) -> Result<()> {
+        let l = Loaded::<B>::open(&a.m, &self.device)?;
+        let prompt_ids = l.encode_prompt(&a.m, &a.prompt)?;
+        let response_ids = l.tok.encode(&a.response, false)?;
+        let logprobs = score(&l.model, &prompt_ids, &response_ids)?;
+        if a.m.json {
+            println!("{}", json!({ "prompt_ids": prompt_ids, "response_ids": response_ids, "logprobs": logprobs }));
+        } else {
+            for (id, lp) in response_ids.iter().zip(&logprobs) {
+                println!("{:>8} {:>10.4}  {:?}", id, lp, l.tok.decode(&[*id], false)?);
+            }
+            println!("total log-prob {:.4} over {} tokens", logprobs.iter().sum::<f32>(), logprobs.len());
+        }
+        Ok(())
+    }
+}

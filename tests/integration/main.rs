@@ -1,0 +1,7 @@
+//! The one integration-test binary. Everything runs on the CPU; the `wgpu` module runs when the
+//! `wgpu` feature is on (through Mesa's lavapipe on machines without a GPU).
+
+mod common;
+mod cli;
+mod parity;
+mod tokenizer;

@@ -1,0 +1,148 @@
+//! Logits and greedy generations against Hugging Face transformers; batched == unbatched;
+//! save → load round trip. Instantiated for every CPU backend compiled in, and for wgpu.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use opsa_generate::{generate, score, SamplingParams};
+use opsa_models::checkpoint::config_dtype;
+use opsa_models::{load_model, save_model, CausalLm, HfTokenizer, LoadOptions, WeightDType};
+
+use crate::common::*;
+
+fn load<B: Backend>(name: &str, device: &B::Device) -> CausalLm<B> {
+    load_model::<B>(&fixture(name), &LoadOptions::default(), device).unwrap().0
+}
+
+fn logits_of<B: Backend>(model: &CausalLm<B>, ids: &[u32]) -> Vec<f32> {
+    let device = model.device();
+    let x = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, ids.len()]),
+        &device,
+    );
+    model.forward(x).into_data().convert::<f32>().to_vec().unwrap()
+}
+
+pub fn logits_match<B: Backend>(device: &B::Device, tol: f32) {
+    for name in FAMILIES {
+        let model = load::<B>(name, device);
+        let r = reference(name);
+        for (i, input) in r["inputs"].as_array().unwrap().iter().enumerate() {
+            let ids = ids(input);
+            let (shape, expected) = reference_logits(name, i);
+            assert_eq!(shape, vec![ids.len(), model.config.vocab_size]);
+            let got = logits_of(&model, &ids);
+            let d = max_abs_diff(&got, &expected);
+            assert!(d < tol, "{name} input {i}: max |logit diff| = {d} (tolerance {tol})");
+        }
+    }
+}
+
+pub fn greedy_matches<B: Backend>(device: &B::Device) {
+    for name in FAMILIES {
+        let model = load::<B>(name, device);
+        let r = reference(name);
+        let eos = ids(&r["eos_ids"]);
+        for (i, g) in r["greedy"].as_array().unwrap().iter().enumerate() {
+            let prompt = ids(&g["prompt_ids"]);
+            let expected = ids(&g["new_ids"]);
+            let params = SamplingParams { max_new_tokens: 24, ..Default::default() };
+            let out = generate(&model, &[prompt], &[0], &params, &eos, None).unwrap();
+            assert_eq!(out[0].token_ids, expected, "{name} greedy generation {i} differs from transformers");
+        }
+    }
+}
+
+/// Batching (with left padding) and row removal must not change any row's tokens or log-probs.
+pub fn batched_equals_unbatched<B: Backend>(device: &B::Device) {
+    for name in FAMILIES {
+        let model = load::<B>(name, device);
+        let tok = HfTokenizer::from_dir(&fixture(name)).unwrap();
+        let r = reference(name);
+        let mut prompts: Vec<Vec<u32>> = r["greedy"].as_array().unwrap().iter().map(|g| ids(&g["prompt_ids"])).collect();
+        prompts.push(vec![5]);
+        let idx: Vec<u64> = (0..prompts.len() as u64).collect();
+        for params in [
+            SamplingParams { max_new_tokens: 12, ..Default::default() },
+            SamplingParams { max_new_tokens: 12, temperature: 0.8, top_k: 20, top_p: 0.9, seed: 7, ..Default::default() },
+            SamplingParams { max_new_tokens: 12, temperature: 1.0, seed: 3, ..Default::default() },
+        ] {
+            // An EOS id that some rows hit early exercises finished-row removal.
+            let eos: Vec<u32> = tok.eos_ids().to_vec();
+            let batched = generate(&model, &prompts, &idx, &params, &eos, Some(&tok)).unwrap();
+            for (i, p) in prompts.iter().enumerate() {
+                let single = generate(&model, &[p.clone()], &[i as u64], &params, &eos, Some(&tok)).unwrap();
+                assert_eq!(batched[i].token_ids, single[0].token_ids, "{name} row {i}: tokens differ ({params:?})");
+                let d = max_abs_diff(&batched[i].logprobs, &single[0].logprobs);
+                assert!(d < 1e-4, "{name} row {i}: logprobs differ by {d}");
+                assert_eq!(batched[i].finish_reason, single[0].finish_reason);
+            }
+        }
+    }
+}
+
+/// Generation log-probs equal teacher-forced scores of the same tokens.
+pub fn logprobs_equal_scores<B: Backend>(device: &B::Device) {
+    let name = "qwen3-tiny";
+    let model = load::<B>(name, device);
+    let prompt = ids(&reference(name)["inputs"][0]);
+    let params = SamplingParams { max_new_tokens: 10, temperature: 1.0, seed: 11, ..Default::default() };
+    let g = generate(&model, &[prompt.clone()], &[0], &params, &[], None).unwrap().remove(0);
+    let s = score(&model, &prompt, &g.token_ids).unwrap();
+    let d = max_abs_diff(&g.logprobs, &s);
+    assert!(d < 1e-4, "generation log-probs and scores differ by {d}");
+}
+
+pub fn save_load_roundtrip<B: Backend>(device: &B::Device) {
+    for name in FAMILIES {
+        let (model, cfg) = load_model::<B>(&fixture(name), &LoadOptions::default(), device).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("saved");
+        let dtype = config_dtype(&cfg).unwrap_or(WeightDType::F32);
+        save_model(&model, &cfg, Some(&fixture(name)), &out, dtype, false).unwrap();
+        assert!(out.join("tokenizer.json").is_file() && out.join("config.json").is_file());
+        // Refuses to overwrite what exists.
+        assert!(save_model(&model, &cfg, None, &out, dtype, false).is_err());
+        let (again, _) = load_model::<B>(&out, &LoadOptions::default(), device).unwrap();
+        let ids = ids(&reference(name)["inputs"][2]);
+        let d = max_abs_diff(&logits_of(&model, &ids), &logits_of(&again, &ids));
+        assert!(d < 1e-6, "{name}: logits changed by {d} after save → load");
+    }
+}
+
+macro_rules! backend_tests {
+    ($modname:ident, $backend:ty, $tol:expr) => {
+        mod $modname {
+            type B = $backend;
+            fn device() -> burn::tensor::Device<B> {
+                Default::default()
+            }
+            #[test]
+            fn logits_match_transformers() {
+                super::logits_match::<B>(&device(), $tol);
+            }
+            #[test]
+            fn greedy_generation_matches_transformers() {
+                super::greedy_matches::<B>(&device());
+            }
+            #[test]
+            fn batched_generation_equals_unbatched() {
+                super::batched_equals_unbatched::<B>(&device());
+            }
+            #[test]
+            fn generation_logprobs_equal_scores() {
+                super::logprobs_equal_scores::<B>(&device());
+            }
+            #[test]
+            fn save_load_roundtrip_keeps_logits() {
+                super::save_load_roundtrip::<B>(&device());
+            }
+        }
+    };
+}
+
+#[cfg(feature = "ndarray")]
+backend_tests!(ndarray, burn::backend::NdArray, 1e-4);
+#[cfg(feature = "flex")]
+backend_tests!(flex, burn::backend::Flex, 1e-4);
+#[cfg(feature = "wgpu")]
+backend_tests!(wgpu, burn::backend::Wgpu, 1e-4);
