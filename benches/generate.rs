@@ -1,1 +1,102 @@
-fn main(){}
+//! Prefill and decode throughput on a random Qwen3-shaped model of ~42M parameters
+//! (vocab 32768, hidden 512, 8 layers, 8 query / 4 KV heads of 64, tied embeddings).
+//!
+//!     cargo bench --bench generate                     # ndarray
+//!     cargo bench --bench generate --features flex     # ndarray and flex
+//!     python3 benches/generate_torch.py                # the same through PyTorch + transformers
+//!
+//! Prints one JSON line per (backend, batch); compare with the PyTorch script's lines, run on
+//! the same machine in the same session (these machines are shared and noisy: report ratios).
+//! Environment: OPSA_BENCH_PROMPT (prompt tokens, default 128), OPSA_BENCH_NEW (decode tokens,
+//! default 64), OPSA_BENCH_BATCHES (default "1,8").
+
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use opsa_generate::{generate, SamplingParams};
+use opsa_models::checkpoint::random_model;
+use opsa_models::decoder::Positions;
+use opsa_models::{DecoderConfig, WeightDType};
+
+fn config() -> DecoderConfig {
+    DecoderConfig {
+        vocab_size: 32768,
+        hidden_size: 512,
+        intermediate_size: 1536,
+        num_hidden_layers: 8,
+        num_attention_heads: 8,
+        num_key_value_heads: 4,
+        head_dim: 64,
+        max_position_embeddings: 4096,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        tie_word_embeddings: true,
+        qkv_bias: false,
+        o_bias: false,
+        qk_norm: true,
+    }
+}
+
+fn env_usize(k: &str, d: usize) -> usize {
+    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+}
+
+fn bench<B: Backend>(name: &str, device: &B::Device) {
+    let cfg = config();
+    let model = random_model::<B>(&cfg, 0, WeightDType::F32, device).unwrap();
+    let (plen, new) = (env_usize("OPSA_BENCH_PROMPT", 128), env_usize("OPSA_BENCH_NEW", 64));
+    let batches: Vec<usize> = std::env::var("OPSA_BENCH_BATCHES")
+        .unwrap_or_else(|_| "1,8".into())
+        .split(',')
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    for &b in &batches {
+        let prompts: Vec<Vec<u32>> =
+            (0..b).map(|r| (0..plen).map(|j| ((r * 7919 + j * 104_729) % cfg.vocab_size) as u32).collect()).collect();
+        // Prefill: one forward over the whole prompt batch, logits of the last position (as generation does).
+        let prefill = |warm: bool| {
+            let ids: Vec<i64> = prompts.iter().flatten().map(|&t| t as i64).collect();
+            let t0 = Instant::now();
+            let x = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, plen]), device);
+            let h = model.forward_hidden(x, &Positions::causal(b, plen), None);
+            let logits = model.logits(h.narrow(1, plen - 1, 1));
+            let _ = logits.into_data();
+            if !warm {
+                return 0.0;
+            }
+            t0.elapsed().as_secs_f64()
+        };
+        prefill(false);
+        let reps = 3;
+        let t_prefill = (0..reps).map(|_| prefill(true)).fold(f64::INFINITY, f64::min);
+        // Decode: greedy generation of `new` tokens (no EOS), minus its prefill.
+        let params = SamplingParams { max_new_tokens: new, ..Default::default() };
+        let idx: Vec<u64> = (0..b as u64).collect();
+        let run = || {
+            let t0 = Instant::now();
+            let g = generate(&model, &prompts, &idx, &params, &[], None).unwrap();
+            assert!(g.iter().all(|g| g.token_ids.len() == new));
+            t0.elapsed().as_secs_f64()
+        };
+        let t_gen = (0..2).map(|_| run()).fold(f64::INFINITY, f64::min);
+        let t_decode = (t_gen - t_prefill).max(1e-9);
+        println!(
+            "{{\"impl\":\"opsa\",\"backend\":\"{name}\",\"params_m\":{:.1},\"batch\":{b},\"prompt\":{plen},\"new\":{new},\"prefill_tok_s\":{:.1},\"decode_tok_s\":{:.1}}}",
+            cfg.num_parameters() as f64 / 1e6,
+            (b * plen) as f64 / t_prefill,
+            (b * (new - 1)) as f64 / t_decode,
+        );
+    }
+}
+
+fn main() {
+    #[cfg(feature = "ndarray")]
+    bench::<burn::backend::NdArray>("ndarray", &Default::default());
+    #[cfg(feature = "flex")]
+    bench::<burn::backend::Flex>("flex", &Default::default());
+    #[cfg(feature = "wgpu")]
+    bench::<burn::backend::Wgpu>("wgpu", &Default::default());
+    #[cfg(feature = "cuda")]
+    bench::<burn::backend::Cuda>("cuda", &Default::default());
+}

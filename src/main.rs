@@ -9,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use opsa_generate::{generate, score, SamplingParams};
-use opsa_models::{load_model, ChatMessage, HfTokenizer, LoadOptions, ModelConfig, WeightDType};
+use opsa_models::checkpoint::config_dtype;
+use opsa_models::{load_model, save_model, ChatMessage, HfTokenizer, LoadOptions, ModelConfig, WeightDType};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -25,6 +26,25 @@ enum Command {
     Generate(GenerateArgs),
     /// Log-probabilities of a given response after a prompt (teacher forcing).
     Score(ScoreArgs),
+    /// Load a Hugging Face folder and write it back as a new one (e.g. to change the dtype),
+    /// with the same writer training checkpoints use.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Hugging Face model folder to read.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Folder to write (config.json, safetensors, tokenizer files). Must not exist unless --overwrite.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Dtype of the written weights (default: the dtype config.json declares, else f32).
+    #[arg(long, value_parser = WeightDType::parse)]
+    dtype: Option<WeightDType>,
+    /// Replace an existing --out folder (only after the new one is completely written).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -123,6 +143,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Generate(a) => dispatch(a.m.backend, |r| r.generate(a)),
         Command::Score(a) => dispatch(a.m.backend, |r| r.score(a)),
+        Command::Convert(a) => dispatch(None, |r| r.convert(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -175,6 +196,7 @@ fn dispatch(kind: Option<BackendKind>, f: impl FnOnce(&dyn Commands) -> Result<(
 trait Commands {
     fn generate(&self, a: &GenerateArgs) -> Result<()>;
     fn score(&self, a: &ScoreArgs) -> Result<()>;
+    fn convert(&self, a: &ConvertArgs) -> Result<()>;
 }
 
 fn parse_template_vars(vars: &[String]) -> Result<serde_json::Map<String, Value>> {
@@ -322,6 +344,14 @@ impl<B: Backend> Commands for Runner<B> {
             bar.inc((end - start) as u64);
         }
         bar.finish_and_clear();
+        Ok(())
+    }
+
+    fn convert(&self, a: &ConvertArgs) -> Result<()> {
+        let (model, config) = load_model::<B>(&a.model, &LoadOptions::default(), &self.device)?;
+        let dtype = a.dtype.or_else(|| config_dtype(&config)).unwrap_or(WeightDType::F32);
+        save_model(&model, &config, Some(&a.model), &a.out, dtype, a.overwrite)?;
+        eprintln!("wrote {} ({})", a.out.display(), dtype.hf_name());
         Ok(())
     }
 

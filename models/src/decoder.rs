@@ -251,6 +251,15 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// One layer's cache, moved through the layer: `k`, `v` `[b, n_kv, capacity, d]`, `past`
+/// positions already written.
+#[derive(Debug)]
+pub struct LayerCache<B: Backend> {
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+    pub past: usize,
+}
+
 /// Grouped-query self-attention.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -280,8 +289,8 @@ impl<B: Backend> Attention<B> {
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         mask: Tensor<B, 4>,
-        cache: Option<(&mut (Tensor<B, 4>, Tensor<B, 4>), usize)>,
-    ) -> Tensor<B, 3> {
+        cache: Option<LayerCache<B>>,
+    ) -> (Tensor<B, 3>, Option<LayerCache<B>>) {
         let [b, t, _] = x.dims();
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let groups = nh / nkv;
@@ -307,14 +316,16 @@ impl<B: Backend> Attention<B> {
         let v = v.swap_dims(1, 2);
 
         // 4. KV cache: write the new positions in place, attend over everything written so far.
-        let (k, v) = match cache {
-            Some(((kc, vc), past)) => {
+        //    The cache tensors are owned here (moved in), so backends update them without a copy.
+        let (k, v, cache) = match cache {
+            Some(LayerCache { k: kc, v: vc, past }) => {
                 let end = past + t;
-                *kc = kc.clone().slice_assign([0..b, 0..nkv, past..end, 0..d], k);
-                *vc = vc.clone().slice_assign([0..b, 0..nkv, past..end, 0..d], v);
-                (kc.clone().narrow(2, 0, end), vc.clone().narrow(2, 0, end))
+                let kc = kc.slice_assign([0..b, 0..nkv, past..end, 0..d], k);
+                let vc = vc.slice_assign([0..b, 0..nkv, past..end, 0..d], v);
+                let (k, v) = (kc.clone().narrow(2, 0, end), vc.clone().narrow(2, 0, end));
+                (k, v, Some(LayerCache { k: kc, v: vc, past: end }))
             }
-            None => (k, v),
+            None => (k, v, None),
         };
         let l = k.dims()[2];
 
@@ -329,7 +340,7 @@ impl<B: Backend> Attention<B> {
 
         // 7. Weighted values, heads back together: [b, t, heads * d].
         let out = probs.matmul(v).reshape([b, nh, t, d]).swap_dims(1, 2).reshape([b, t, nh * d]);
-        self.o_proj.forward(out)
+        (self.o_proj.forward(out), cache)
     }
 }
 
@@ -347,10 +358,11 @@ impl<B: Backend> DecoderLayer<B> {
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         mask: Tensor<B, 4>,
-        cache: Option<(&mut (Tensor<B, 4>, Tensor<B, 4>), usize)>,
-    ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        cache: Option<LayerCache<B>>,
+    ) -> (Tensor<B, 3>, Option<LayerCache<B>>) {
+        let (a, cache) = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
+        let h = x + a;
+        (h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h)), cache)
     }
 }
 
@@ -431,12 +443,18 @@ impl<B: Backend> CausalLm<B> {
         let rope = Rope::new(&pos.positions, b, t, c.head_dim, c.rope_theta, dtype, &device);
         let mask = Tensor::<B, 4>::from_data(TensorData::new(pos.mask.clone(), [b, 1, t, pos.keys]), (&device, dtype));
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        // Move each layer's cache tensors out and back, so they are updated in place.
+        let mut taken = cache.as_mut().map(|c| std::mem::take(&mut c.layers).into_iter());
+        let mut updated = Vec::new();
         let mut x = self.model.embed_tokens.forward(ids);
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], past));
-            x = layer.forward(x, &rope, mask.clone(), layer_cache);
+        for layer in &self.model.layers {
+            let layer_cache = taken.as_mut().and_then(|it| it.next()).map(|(k, v)| LayerCache { k, v, past });
+            let (y, c) = layer.forward(x, &rope, mask.clone(), layer_cache);
+            x = y;
+            updated.extend(c.map(|c| (c.k, c.v)));
         }
-        if let Some(c) = cache {
+        if let Some(c) = cache.as_mut() {
+            c.layers = updated;
             c.len = past + t;
         }
         self.model.norm.forward(x)

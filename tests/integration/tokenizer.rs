@@ -60,3 +60,24 @@ fn missing_chat_template_is_a_clear_error() {
     let err = tok.apply_chat_template(&[ChatMessage::user("hi")], true, &Default::default()).unwrap_err().to_string();
     assert!(err.contains("no chat template"), "{err}");
 }
+
+#[test]
+fn stop_strings_end_generation_and_are_cut_from_text() {
+    use burn::backend::NdArray;
+    use opsa_generate::{generate, FinishReason, SamplingParams};
+    let dir = fixture("qwen2-tiny");
+    let (model, _) = opsa_models::load_model::<NdArray>(&dir, &Default::default(), &Default::default()).unwrap();
+    let tok = HfTokenizer::from_dir(&dir).unwrap();
+    let prompt = ids(&reference("qwen2-tiny")["greedy"][1]["prompt_ids"]);
+    let free = generate(&model, &[prompt.clone()], &[0], &SamplingParams { max_new_tokens: 24, ..Default::default() }, &[], Some(&tok))
+        .unwrap()
+        .remove(0);
+    // Stop on a piece of the text the free run produces, past its start.
+    let chars: Vec<char> = free.text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let params = SamplingParams { max_new_tokens: 24, stop_strings: vec![stop.clone()], ..Default::default() };
+    let g = generate(&model, &[prompt], &[0], &params, &[], Some(&tok)).unwrap().remove(0);
+    assert_eq!(g.finish_reason, FinishReason::Stop);
+    assert!(g.token_ids.len() < 24 && free.token_ids.starts_with(&g.token_ids));
+    assert!(!g.text.contains(&stop), "{:?} / {:?} / {stop:?}", g.text, free.text);
+}
