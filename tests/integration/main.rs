@@ -3,5 +3,6 @@
 
 mod common;
 mod cli;
+mod distill;
 mod parity;
 mod tokenizer;

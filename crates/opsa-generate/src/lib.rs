@@ -154,7 +154,7 @@ pub fn sample<B: Backend>(logits: Tensor<B, 2>, params: &SamplingParams, uniform
         let cdf = probs.cumsum(1);
         let n = cdf.dims()[1];
         let total = cdf.clone().narrow(1, n - 1, 1);
-        let u = Tensor::<B, 2>::from_data(TensorData::new(uniforms.to_vec(), [b, 1]), &device);
+        let u = Tensor::<B, 2>::from_data(TensorData::new(uniforms.to_vec(), [b, 1]), (&device, cdf.dtype()));
         let choice = cdf.lower(total * u).int().sum_dim(1).clamp_max((n - 1) as i64);
         match idx {
             Some(idx) => idx.gather(1, choice),

@@ -1,0 +1,178 @@
+//! Per-token divergences between the teacher's and the student's next-token distributions.
+//!
+//! Small pure functions over logits of the positions that count (`[n, vocab]`, padding and
+//! prompt positions already removed), so masking is explicit at the call site and the
+//! normalisation is a separate, visible step ([`token_mean`]).
+//!
+//! Conventions, with P the teacher and Q the student at one position:
+//! - both logits are divided by `temperature` first;
+//! - `top_k`: the teacher's `k` largest logits pick the support; teacher and student logits are
+//!   gathered there and **both** renormalised over those `k` entries (OPSA: k = 64);
+//! - forward KL = Σ P (log P − log Q) (mode-covering), reverse KL = Σ Q (log Q − log P)
+//!   (mode-seeking);
+//! - generalised JSD(β), as TRL's GKD: M = βP + (1−β)Q, JSD = β KL(P‖M) + (1−β) KL(Q‖M);
+//!   **β = 0 is forward KL and β = 1 reverse KL exactly** (the limits of the β-scaled form,
+//!   special-cased, since the formula itself is 0 at both ends);
+//! - mixed(α) = α forward + (1−α) reverse (OPSA's default: α = 0.5 on top-64);
+//! - pointwise clip τ: each vocabulary entry's term is `min(term, τ)` before the sum, so a few
+//!   pivot tokens cannot dominate the gradient;
+//! - sampled-token: the value is log Q(y) − log P(y) at the sampled token only; the loss is the
+//!   policy-gradient surrogate −sg(clip(log P(y) − log Q(y), lo, hi)) · log Q(y), whose gradient
+//!   is the (clipped) single-sample reverse-KL gradient.
+//!
+//! Everything is computed in f32 (the caller passes f32 logits).
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Which divergence, with its parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DivergenceKind {
+    /// KL(teacher ‖ student).
+    Forward,
+    /// KL(student ‖ teacher).
+    Reverse,
+    /// Generalised JSD(β); β = 0 forward, β = 1 reverse.
+    Jsd { beta: f64 },
+    /// α · forward + (1 − α) · reverse.
+    Mixed { alpha: f64 },
+    /// Sampled-token log-ratio with the reward clipped to [lo, hi].
+    Sampled { lo: f64, hi: f64 },
+}
+
+/// A divergence and its options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Divergence {
+    #[serde(flatten)]
+    pub kind: DivergenceKind,
+    /// Restrict to the teacher's top-k tokens, renormalised (None = full vocabulary).
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default = "one")]
+    pub temperature: f64,
+    /// Pointwise clip τ on each vocabulary entry's term.
+    #[serde(default)]
+    pub clip: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for Divergence {
+    /// OPSA's divergence: mixed α = 0.5 on the teacher's top-64 tokens.
+    fn default() -> Self {
+        Divergence { kind: DivergenceKind::Mixed { alpha: 0.5 }, top_k: Some(64), temperature: 1.0, clip: None }
+    }
+}
+
+/// Per-token results.
+///
+/// # Shapes
+/// - `value`: `[n]` the divergence at each position (for metrics; no gradient needed)
+/// - `loss`: `[n]` what to differentiate (equal to `value` except for the sampled-token form)
+pub struct PerToken<B: Backend> {
+    pub value: Tensor<B, 1>,
+    pub loss: Tensor<B, 1>,
+}
+
+impl Divergence {
+    pub fn validate(&self) -> Result<(), String> {
+        match self.kind {
+            DivergenceKind::Jsd { beta } if !(0.0..=1.0).contains(&beta) => return Err(format!("jsd beta {beta} must lie in [0, 1]")),
+            DivergenceKind::Mixed { alpha } if !(0.0..=1.0).contains(&alpha) => {
+                return Err(format!("mixed alpha {alpha} must lie in [0, 1]"))
+            }
+            DivergenceKind::Sampled { lo, hi } if !(lo < hi) => return Err(format!("sampled clip range [{lo}, {hi}] is empty")),
+            _ => {}
+        }
+        if !(self.temperature > 0.0) {
+            return Err(format!("temperature {} must be positive", self.temperature));
+        }
+        if self.top_k == Some(0) {
+            return Err("top_k must be at least 1 (or absent for the full vocabulary)".into());
+        }
+        if matches!(self.clip, Some(c) if !(c > 0.0)) {
+            return Err("clip must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// # Shapes
+    /// - student: `[n, vocab]` (f32, carries the gradient)
+    /// - teacher: `[n, vocab]` (f32, constant)
+    /// - sampled: `[n]` the response token at each position (used by the sampled-token form)
+    pub fn per_token<B: Backend>(&self, student: Tensor<B, 2>, teacher: Tensor<B, 2>, sampled: Tensor<B, 1, Int>) -> PerToken<B> {
+        let teacher = teacher.detach();
+        let (s, t) = if self.temperature != 1.0 {
+            (student.div_scalar(self.temperature), teacher.div_scalar(self.temperature))
+        } else {
+            (student, teacher)
+        };
+        let n = s.dims()[0];
+        if let DivergenceKind::Sampled { lo, hi } = self.kind {
+            let y = sampled.reshape([n, 1]);
+            let lq = log_softmax(s, 1).gather(1, y.clone()).reshape([n]);
+            let lp = log_softmax(t, 1).gather(1, y).reshape([n]);
+            let value = (lq.clone() - lp.clone()).detach();
+            let reward = (lp - lq.clone()).detach().clamp(lo, hi);
+            return PerToken { value, loss: reward.neg() * lq };
+        }
+        let (s, t) = match self.top_k {
+            Some(k) if k < s.dims()[1] => {
+                let (_, idx) = t.clone().topk_with_indices(k, 1);
+                (s.gather(1, idx.clone()), t.gather(1, idx))
+            }
+            _ => (s, t),
+        };
+        let ls = log_softmax(s, 1);
+        let lt = log_softmax(t, 1);
+        let clip = self.clip;
+        let value = match self.kind {
+            DivergenceKind::Forward | DivergenceKind::Jsd { beta: 0.0 } => kl(lt, ls, clip),
+            DivergenceKind::Reverse | DivergenceKind::Jsd { beta: 1.0 } => kl(ls, lt, clip),
+            DivergenceKind::Jsd { beta } => {
+                let lm = log_mix(lt.clone(), beta, ls.clone());
+                kl(lt, lm.clone(), clip).mul_scalar(beta) + kl(ls, lm, clip).mul_scalar(1.0 - beta)
+            }
+            DivergenceKind::Mixed { alpha } => {
+                kl(lt.clone(), ls.clone(), clip).mul_scalar(alpha) + kl(ls, lt, clip).mul_scalar(1.0 - alpha)
+            }
+            DivergenceKind::Sampled { .. } => unreachable!("handled above"),
+        };
+        PerToken { value: value.clone(), loss: value }
+    }
+}
+
+/// KL(a ‖ b) per row from log-probabilities, each entry's term clipped above at `clip`.
+///
+/// # Shapes
+/// - lp_a, lp_b: `[n, k]` → `[n]`
+fn kl<B: Backend>(lp_a: Tensor<B, 2>, lp_b: Tensor<B, 2>, clip: Option<f64>) -> Tensor<B, 1> {
+    let n = lp_a.dims()[0];
+    let term = lp_a.clone().exp() * (lp_a - lp_b);
+    let term = match clip {
+        Some(c) => term.clamp_max(c),
+        None => term,
+    };
+    term.sum_dim(1).reshape([n])
+}
+
+/// log(β·exp(a) + (1−β)·exp(b)), stably (a log-sum-exp with a detached max).
+fn log_mix<B: Backend>(a: Tensor<B, 2>, beta: f64, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    let a = a.add_scalar(beta.ln());
+    let b = b.add_scalar((1.0 - beta).ln());
+    let m = a.clone().max_pair(b.clone()).detach();
+    m.clone() + ((a - m.clone()).exp() + (b - m).exp()).log()
+}
+
+/// Token-mean reduction over the whole optimiser step: the sum of this micro-batch's per-token
+/// losses divided by the number of valid tokens in *all* micro-batches of the step, so that
+/// gradient accumulation does not change the objective.
+pub fn token_mean<B: Backend>(loss: Tensor<B, 1>, step_tokens: usize) -> Tensor<B, 1> {
+    loss.sum().div_scalar(step_tokens.max(1) as f64)
+}
