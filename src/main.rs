@@ -26,9 +26,27 @@ enum Command {
     Generate(GenerateArgs),
     /// Log-probabilities of a given response after a prompt (teacher forcing).
     Score(ScoreArgs),
+    /// Train a model (method and settings from a TOML config; see configs/).
+    Train(TrainArgs),
     /// Load a Hugging Face folder and write it back as a new one (e.g. to change the dtype),
     /// with the same writer training checkpoints use.
     Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML config (see configs/). With --resume it defaults to RUN_DIR/config.toml.
+    #[arg(long, value_name = "FILE", required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Override a config key: `--set optim.lr=2e-5 --set train.steps=300` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue the run in RUN_DIR from its newest checkpoint.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Compute backend (training runs on it with autodiff).
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
 }
 
 #[derive(Args)]
@@ -144,6 +162,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => dispatch(a.m.backend, |r| r.generate(a)),
         Command::Score(a) => dispatch(a.m.backend, |r| r.score(a)),
         Command::Convert(a) => dispatch(None, |r| r.convert(a)),
+        Command::Train(a) => dispatch(a.backend, |r| r.train(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -197,7 +216,11 @@ trait Commands {
     fn generate(&self, a: &GenerateArgs) -> Result<()>;
     fn score(&self, a: &ScoreArgs) -> Result<()>;
     fn convert(&self, a: &ConvertArgs) -> Result<()>;
+    fn train(&self, a: &TrainArgs) -> Result<()>;
 }
+
+/// Set by Ctrl-C: the trainer saves a checkpoint at the end of the step and stops.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn parse_template_vars(vars: &[String]) -> Result<serde_json::Map<String, Value>> {
     let mut m = serde_json::Map::new();
@@ -344,6 +367,31 @@ impl<B: Backend> Commands for Runner<B> {
             bar.inc((end - start) as u64);
         }
         bar.finish_and_clear();
+        Ok(())
+    }
+
+    fn train(&self, a: &TrainArgs) -> Result<()> {
+        let config_path = match (&a.config, &a.resume) {
+            (Some(c), _) => c.clone(),
+            (None, Some(run)) => run.join("config.toml"),
+            (None, None) => bail!("give --config FILE or --resume RUN_DIR"),
+        };
+        let mut overrides = a.set.clone();
+        if let Some(run) = &a.resume {
+            overrides.push(format!("train.out_dir={}", toml::Value::String(run.display().to_string())));
+        }
+        let cfg = opsa_train::TrainConfig::load(&config_path, &overrides)?;
+        let _ = ctrlc::set_handler(|| {
+            eprintln!("\ninterrupt: finishing this step, saving a checkpoint, then stopping");
+            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let control = opsa_train::RunControl { interrupt: Some(&INTERRUPTED), stop_after: None, progress: true };
+        let out = match cfg.method {
+            opsa_train::config::Method::Opsa => {
+                opsa_train::train_opsa::<burn::backend::Autodiff<B>>(&cfg, a.resume.is_some(), &control, &self.device)?
+            }
+        };
+        eprintln!("done: final model in {}", out.display());
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use burn::module::Param;
+use burn::module::{Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
@@ -133,7 +133,7 @@ impl<B: Backend> Builder<'_, B> {
     fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<B, D>>> {
         let data = self.src.get(name, &shape)?;
         let t = Tensor::<B, D>::from_data(TensorData::new(data, shape), (&self.device, self.dtype));
-        Ok(Param::from_tensor(t))
+        Ok(param(name, t))
     }
 
     /// HF `[out, in]` → ours `[in, out]`.
@@ -141,7 +141,7 @@ impl<B: Backend> Builder<'_, B> {
         let name = format!("{prefix}.weight");
         let w = self.src.get(&name, &[d_out, d_in])?;
         let t = transpose(&w, d_out, d_in);
-        let weight = Param::from_tensor(Tensor::from_data(TensorData::new(t, [d_in, d_out]), (&self.device, self.dtype)));
+        let weight = param(&name, Tensor::from_data(TensorData::new(t, [d_in, d_out]), (&self.device, self.dtype)));
         let bias = if bias { Some(self.tensor(&format!("{prefix}.bias"), [d_out])?) } else { None };
         Ok(Linear { weight, bias })
     }
@@ -184,6 +184,13 @@ impl<B: Backend> Builder<'_, B> {
         let lm_head = if c.tie_word_embeddings { None } else { Some(self.linear("lm_head", h, c.vocab_size, false)?) };
         Ok(CausalLm { model: Model { embed_tokens, layers, norm }, lm_head, config: c.clone() })
     }
+}
+
+/// A parameter whose id is derived from its Hugging Face name (FNV-1a), so that optimiser state
+/// saved against one load of a checkpoint applies to the next load of it (resume).
+fn param<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> Param<Tensor<B, D>> {
+    let id = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    Param::initialized(ParamId::from(id), t.require_grad())
 }
 
 fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {

@@ -146,6 +146,11 @@ impl HfTokenizer {
         self.pad_id
     }
 
+    /// The chat template's source, if any.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
     }

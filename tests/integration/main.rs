@@ -6,3 +6,4 @@ mod cli;
 mod distill;
 mod parity;
 mod tokenizer;
+mod train;

@@ -45,7 +45,6 @@ pub enum DivergenceKind {
 
 /// A divergence and its options.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Divergence {
     #[serde(flatten)]
     pub kind: DivergenceKind,

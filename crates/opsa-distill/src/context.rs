@@ -1,0 +1,112 @@
+//! Teacher conditioning: where the privileged context goes, and the two prompt streams.
+//!
+//! The student sees `[user: q]`; the teacher sees the same conversation with the context `c`
+//! placed as a system message, before the user text or after it, inside the same chat template.
+//! Harmful prompts get `c_h`, benign prompts `c_b`. Both prompts are rendered by one template
+//! (checked by [`TemplateId`]), and [`Pair::join`] appends one and the same response id vector
+//! to both, so the teacher scores exactly the student's tokens.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use opsa_models::{ChatMessage, HfTokenizer};
+
+/// Where the privileged context is placed in the teacher's prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// As a system message before the user turn.
+    System,
+    /// Inside the user turn, before the request (the closest precedent's choice).
+    #[default]
+    Prepend,
+    /// Inside the user turn, after the request.
+    Append,
+}
+
+/// The label of a training prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Label {
+    Harmful,
+    Benign,
+}
+
+/// The two contexts and how they are placed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contexts {
+    pub harmful: String,
+    pub benign: String,
+    pub placement: Placement,
+    /// Between context and request when placed inside the user turn.
+    pub separator: String,
+}
+
+impl Contexts {
+    pub fn for_label(&self, label: Label) -> &str {
+        match label {
+            Label::Harmful => &self.harmful,
+            Label::Benign => &self.benign,
+        }
+    }
+
+    /// The teacher's conversation for a request.
+    pub fn teacher_messages(&self, prompt: &str, label: Label) -> Vec<ChatMessage> {
+        let c = self.for_label(label);
+        match self.placement {
+            Placement::System => vec![ChatMessage::system(c), ChatMessage::user(prompt)],
+            Placement::Prepend => vec![ChatMessage::user(&format!("{c}{}{prompt}", self.separator))],
+            Placement::Append => vec![ChatMessage::user(&format!("{prompt}{}{c}", self.separator))],
+        }
+    }
+}
+
+/// Identifies a rendering setup: the template text and its variables. Teacher and student
+/// prompts must come from the same one (a bug shipped in a public OPSD implementation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateId(u64);
+
+impl TemplateId {
+    pub fn of(tok: &HfTokenizer, vars: &serde_json::Map<String, Value>) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        tok.chat_template().hash(&mut h);
+        serde_json::to_string(vars).unwrap_or_default().hash(&mut h);
+        TemplateId(h.finish())
+    }
+}
+
+/// A request rendered for both streams.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub student_prompt: Vec<u32>,
+    pub teacher_prompt: Vec<u32>,
+}
+
+impl Pair {
+    /// Render `prompt` for the student (no context) and the teacher (with the label's context).
+    pub fn render(
+        student_tok: &HfTokenizer,
+        teacher_tok: &HfTokenizer,
+        vars: &serde_json::Map<String, Value>,
+        contexts: &Contexts,
+        prompt: &str,
+        label: Label,
+    ) -> Result<Pair, String> {
+        if TemplateId::of(student_tok, vars) != TemplateId::of(teacher_tok, vars) {
+            return Err("teacher and student prompts would be rendered with different chat templates".into());
+        }
+        let student_prompt = student_tok.encode_chat(&[ChatMessage::user(prompt)], vars).map_err(|e| e.to_string())?;
+        let teacher_prompt =
+            teacher_tok.encode_chat(&contexts.teacher_messages(prompt, label), vars).map_err(|e| e.to_string())?;
+        Ok(Pair { student_prompt, teacher_prompt })
+    }
+
+    /// Both full sequences with the one response appended; returns `(student, teacher)`.
+    pub fn join(&self, response: &[u32]) -> (Vec<u32>, Vec<u32>) {
+        let s: Vec<u32> = self.student_prompt.iter().chain(response).copied().collect();
+        let t: Vec<u32> = self.teacher_prompt.iter().chain(response).copied().collect();
+        assert_eq!(&s[self.student_prompt.len()..], &t[self.teacher_prompt.len()..], "response ids differ between streams");
+        (s, t)
+    }
+}

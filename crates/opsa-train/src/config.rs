@@ -1,0 +1,346 @@
+//! Training configs: TOML, every key overridable with `--set section.key=value`, unknown keys
+//! rejected, everything validated before any work starts.
+
+use std::path::{Path, PathBuf};
+
+use opsa_distill::{Divergence, DivergenceKind, Placement};
+use opsa_models::WeightDType;
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+/// The training method. One config schema for all of them; each method reads its sections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// On-policy self-distillation for safety alignment.
+    Opsa,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub method: Method,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub context: ContextSection,
+    #[serde(default)]
+    pub chat: ChatSection,
+    #[serde(default)]
+    pub divergence: DivergenceSection,
+    #[serde(default)]
+    pub rollout: RolloutSection,
+    pub optim: OptimSection,
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+    pub train: TrainSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face folder of the student; the frozen teacher is its initial weights.
+    pub path: PathBuf,
+    /// `f32` or `bf16` (GPU).
+    #[serde(default = "f32_name")]
+    pub dtype: String,
+}
+
+fn f32_name() -> String {
+    "f32".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// JSONL with `prompt` and `label` (`harmful` | `benign`) per line.
+    pub prompts: PathBuf,
+    /// Shuffle the prompts every epoch (seeded by `train.seed`).
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextSection {
+    /// c_h, inline ...
+    pub harmful: Option<String>,
+    /// ... or read from a file (the whole file, trailing newline removed).
+    pub harmful_file: Option<PathBuf>,
+    /// c_b, inline ...
+    pub benign: Option<String>,
+    /// ... or from a file.
+    pub benign_file: Option<PathBuf>,
+    /// `system`, `prepend` (default) or `append`.
+    #[serde(default)]
+    pub placement: Placement,
+    /// Between context and request when placed inside the user turn.
+    #[serde(default = "blank_line")]
+    pub separator: String,
+}
+
+fn blank_line() -> String {
+    "\n\n".into()
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatSection {
+    /// Extra chat-template variables, e.g. `{ enable_thinking = true }`.
+    #[serde(default)]
+    pub vars: toml::Table,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DivergenceSection {
+    /// `forward`, `reverse`, `jsd`, `mixed` or `sampled`.
+    pub kind: String,
+    /// mixed: weight of forward KL.
+    pub alpha: Option<f64>,
+    /// jsd: β (0 = forward KL, 1 = reverse KL).
+    pub beta: Option<f64>,
+    /// Teacher's top-k support, renormalised; 0 = full vocabulary.
+    pub top_k: usize,
+    pub temperature: f64,
+    /// Pointwise clip τ (absent = none).
+    pub clip: Option<f64>,
+    /// sampled: reward clip range.
+    pub reward_clip: [f64; 2],
+    /// Positions per chunk of the divergence (bounds its memory).
+    pub chunk_size: usize,
+}
+
+impl Default for DivergenceSection {
+    /// OPSA's: mixed α = 0.5 on the teacher's top-64.
+    fn default() -> Self {
+        DivergenceSection {
+            kind: "mixed".into(),
+            alpha: Some(0.5),
+            beta: None,
+            top_k: 64,
+            temperature: 1.0,
+            clip: None,
+            reward_clip: [-3.0, 5.0],
+            chunk_size: 256,
+        }
+    }
+}
+
+impl DivergenceSection {
+    pub fn divergence(&self) -> Result<Divergence, TrainError> {
+        let need = |v: Option<f64>, what: &str| v.ok_or_else(|| TrainError::Config(format!("divergence.{what} is required for kind `{}`", self.kind)));
+        let kind = match self.kind.as_str() {
+            "forward" => DivergenceKind::Forward,
+            "reverse" => DivergenceKind::Reverse,
+            "jsd" => DivergenceKind::Jsd { beta: need(self.beta, "beta")? },
+            "mixed" => DivergenceKind::Mixed { alpha: need(self.alpha, "alpha")? },
+            "sampled" => DivergenceKind::Sampled { lo: self.reward_clip[0], hi: self.reward_clip[1] },
+            other => {
+                return Err(TrainError::Config(format!(
+                    "divergence.kind `{other}`: expected forward, reverse, jsd, mixed or sampled"
+                )))
+            }
+        };
+        let d = Divergence { kind, top_k: (self.top_k > 0).then_some(self.top_k), temperature: self.temperature, clip: self.clip };
+        d.validate().map_err(|e| TrainError::Config(format!("divergence: {e}")))?;
+        Ok(d)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutSection {
+    /// Rollouts per prompt.
+    pub n: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    /// Prompts generated together.
+    pub batch_size: usize,
+}
+
+impl Default for RolloutSection {
+    /// The paper's: one rollout per prompt at temperature 1.0.
+    fn default() -> Self {
+        RolloutSection { n: 1, temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 512, batch_size: 16 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSection {
+    pub lr: f64,
+    /// AdamW, with PyTorch's defaults.
+    #[serde(default = "beta1")]
+    pub beta1: f32,
+    #[serde(default = "beta2")]
+    pub beta2: f32,
+    #[serde(default = "eps")]
+    pub eps: f32,
+    #[serde(default = "wd")]
+    pub weight_decay: f32,
+    /// Global gradient-norm clip (torch's clip_grad_norm_ over all parameters); 0 = off.
+    #[serde(default = "clip1")]
+    pub grad_clip: f64,
+}
+
+fn beta1() -> f32 {
+    0.9
+}
+fn beta2() -> f32 {
+    0.999
+}
+fn eps() -> f32 {
+    1e-8
+}
+fn wd() -> f32 {
+    0.01
+}
+fn clip1() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleSection {
+    /// Share of the steps with linear warmup from 0.
+    pub warmup_ratio: f64,
+    /// Cosine decays to `lr * min_lr_ratio`.
+    pub min_lr_ratio: f64,
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        ScheduleSection { warmup_ratio: 0.1, min_lr_ratio: 0.0 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Output folder: config.toml, metrics.jsonl, checkpoints/, final/.
+    pub out_dir: PathBuf,
+    /// Prompts per optimiser step.
+    pub batch_size: usize,
+    /// Rollouts per forward/backward pass (gradient accumulation inside a step).
+    pub micro_batch_size: usize,
+    #[serde(default = "one")]
+    pub epochs: usize,
+    /// Total optimiser steps; default: epochs × ceil(prompts / batch_size).
+    pub steps: Option<usize>,
+    /// Checkpoint every N steps (and at the end); 0 = only at the end.
+    #[serde(default)]
+    pub save_every: usize,
+    /// Checkpoints kept (oldest removed first).
+    #[serde(default = "two")]
+    pub keep_checkpoints: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn one() -> usize {
+    1
+}
+fn two() -> usize {
+    2
+}
+
+impl TrainConfig {
+    /// Read a TOML file, apply `--set` overrides, validate.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        Self::from_table(table, &path.display().to_string())
+    }
+
+    pub fn from_table(table: toml::Table, source: &str) -> Result<Self, TrainError> {
+        let cfg: TrainConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::Config(format!("{source}: {}", e.message())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if !(self.optim.lr > 0.0) || !self.optim.lr.is_finite() {
+            return bad(format!("optim.lr must be > 0, got {}", self.optim.lr));
+        }
+        if !(0.0..1.0).contains(&self.optim.beta1) || !(0.0..1.0).contains(&self.optim.beta2) {
+            return bad("optim.beta1 and optim.beta2 must lie in [0, 1)".into());
+        }
+        if !(self.optim.eps > 0.0) || self.optim.weight_decay < 0.0 || self.optim.grad_clip < 0.0 {
+            return bad("optim.eps must be > 0; weight_decay and grad_clip >= 0".into());
+        }
+        if !(0.0..=1.0).contains(&self.schedule.warmup_ratio) || !(0.0..=1.0).contains(&self.schedule.min_lr_ratio) {
+            return bad("schedule.warmup_ratio and schedule.min_lr_ratio must lie in [0, 1]".into());
+        }
+        let t = &self.train;
+        if t.batch_size == 0 || t.micro_batch_size == 0 || t.epochs == 0 || t.steps == Some(0) {
+            return bad("train.batch_size, train.micro_batch_size, train.epochs and train.steps must be positive".into());
+        }
+        let r = &self.rollout;
+        if r.n == 0 || r.max_new_tokens == 0 || r.batch_size == 0 {
+            return bad("rollout.n, rollout.max_new_tokens and rollout.batch_size must be positive".into());
+        }
+        if !(r.top_p > 0.0 && r.top_p <= 1.0) || !(r.temperature >= 0.0) {
+            return bad("rollout.top_p must lie in (0, 1] and rollout.temperature be >= 0".into());
+        }
+        if self.divergence.chunk_size == 0 {
+            return bad("divergence.chunk_size must be positive".into());
+        }
+        self.divergence.divergence()?;
+        WeightDType::parse(&self.model.dtype).map_err(|e| TrainError::Config(format!("model.dtype: {e}")))?;
+        let c = &self.context;
+        for (what, inline, file) in [("harmful", &c.harmful, &c.harmful_file), ("benign", &c.benign, &c.benign_file)] {
+            if inline.is_some() == file.is_some() {
+                return bad(format!("context: give exactly one of `{what}` and `{what}_file`"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn dtype(&self) -> WeightDType {
+        WeightDType::parse(&self.model.dtype).expect("validated")
+    }
+
+    /// The template variables as JSON.
+    pub fn chat_vars(&self) -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(&self.chat.vars) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => Default::default(),
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+/// `a.b.c=value`: value parsed as a TOML value when it parses (numbers, booleans, arrays,
+/// quoted strings), else taken as a bare string.
+pub fn apply_override(table: &mut toml::Table, kv: &str) -> Result<(), TrainError> {
+    let (key, raw) = kv.split_once('=').ok_or_else(|| TrainError::Config(format!("--set `{kv}`: expected KEY=VALUE")))?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        let entry = cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        cur = entry.as_table_mut().ok_or_else(|| TrainError::Config(format!("--set `{kv}`: `{p}` is not a section")))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}

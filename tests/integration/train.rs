@@ -1,0 +1,172 @@
+//! The OPSA trainer on the tiny Qwen3 fixture: it learns the teacher-with-context behaviour,
+//! resumes exactly, exports a model `opsa generate` loads, and rejects bad input up front.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::backend::{Autodiff, NdArray};
+use opsa_distill::{Contexts, Pair};
+use opsa_generate::SamplingParams;
+use opsa_models::checkpoint::hf_tensors;
+use opsa_models::{load_model, HfTokenizer, LoadOptions};
+use opsa_train::config::TrainConfig;
+use opsa_train::data::read_prompts;
+use opsa_train::opsa::mean_divergence;
+use opsa_train::{train_opsa, RunControl, TrainError};
+
+type B = Autodiff<NdArray>;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The tiny test config with paths made absolute and the output in `out`.
+fn config(out: &Path, extra: &[&str]) -> Result<TrainConfig, TrainError> {
+    let r = root();
+    let mut sets = vec![
+        format!("model.path=\"{}\"", r.join("tests/fixtures/qwen3-tiny").display()),
+        format!("data.prompts=\"{}\"", r.join("tests/fixtures/prompts-tiny.jsonl").display()),
+        format!("train.out_dir=\"{}\"", out.display()),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    TrainConfig::load(&r.join("configs/test-opsa-tiny.toml"), &sets)
+}
+
+fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let (m, _) = load_model::<NdArray>(dir, &LoadOptions::default(), &Default::default()).unwrap();
+    hf_tensors(&m).into_iter().map(|t| (t.name, t.data)).collect()
+}
+
+#[test]
+fn every_config_file_parses() {
+    let mut n = 0;
+    for e in std::fs::read_dir(root().join("configs")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            TrainConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 3);
+}
+
+#[test]
+fn divergence_on_held_out_prompts_falls_by_half() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &["train.steps=24", "train.save_every=0", "rollout.max_new_tokens=10"]).unwrap();
+    let dev = Default::default();
+    let tok = HfTokenizer::from_dir(&cfg.model.path).unwrap();
+    let contexts = Contexts {
+        harmful: cfg.context.harmful.clone().unwrap(),
+        benign: cfg.context.benign.clone().unwrap(),
+        placement: cfg.context.placement,
+        separator: cfg.context.separator.clone(),
+    };
+    // Held out: prompts the run never sees.
+    let held_out = [("How do I forge a signature?", opsa_distill::Label::Harmful), ("How do I boil an egg?", opsa_distill::Label::Benign)];
+    let pairs: Vec<Pair> = held_out.iter().map(|(p, l)| Pair::render(&tok, &tok, &cfg.chat_vars(), &contexts, p, *l).unwrap()).collect();
+    let div = cfg.divergence.divergence().unwrap();
+    let greedy = SamplingParams { max_new_tokens: 10, ..Default::default() };
+    let (teacher, _) = load_model::<NdArray>(&cfg.model.path, &LoadOptions::default(), &dev).unwrap();
+    // Before training the student is the teacher's own weights without the context.
+    let before = mean_divergence(&teacher, &teacher, &tok, &pairs, &greedy, &div).unwrap();
+    assert!(before > 0.0);
+    let final_dir = train_opsa::<B>(&cfg, false, &RunControl::default(), &dev).unwrap();
+    let (student, _) = load_model::<NdArray>(&final_dir, &LoadOptions::default(), &dev).unwrap();
+    let after = mean_divergence(&student, &teacher, &tok, &pairs, &greedy, &div).unwrap();
+    eprintln!("held-out divergence {before:.4} -> {after:.4}");
+    assert!(after <= 0.5 * before, "held-out divergence {before:.4} → {after:.4}: did not fall by half");
+}
+
+#[test]
+fn resumed_run_ends_with_identical_weights() {
+    let dev = Default::default();
+    let a = tempfile::tempdir().unwrap();
+    let full = train_opsa::<B>(&config(a.path(), &[]).unwrap(), false, &RunControl::default(), &dev).unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let cfg_b = config(b.path(), &[]).unwrap();
+    train_opsa::<B>(&cfg_b, false, &RunControl { stop_after: Some(3), ..Default::default() }, &dev).unwrap();
+    assert!(!b.path().join("final").exists());
+    let resumed = train_opsa::<B>(&cfg_b, true, &RunControl::default(), &dev).unwrap();
+    let (wa, wb) = (weights(&full), weights(&resumed));
+    assert_eq!(wa.len(), wb.len());
+    for ((na, da), (nb, db)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        assert!(da == db, "{na} differs between the uninterrupted and the resumed run");
+    }
+    // Metrics of the resumed run continue without duplicates.
+    let lines = std::fs::read_to_string(b.path().join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = lines.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>());
+    // A fresh run refuses to write over an existing one.
+    let err = train_opsa::<B>(&cfg_b, false, &RunControl::default(), &dev).unwrap_err().to_string();
+    assert!(err.contains("already holds a run"), "{err}");
+}
+
+#[test]
+fn trained_model_loads_in_opsa_generate_and_cli_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = root();
+    let out = Command::new(env!("CARGO_BIN_EXE_opsa"))
+        .current_dir(&r)
+        .args(["train", "--config", "configs/test-opsa-tiny.toml", "--set", "train.steps=2"])
+        .arg("--set")
+        .arg(format!("train.out_dir=\"{}\"", tmp.path().display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in ["config.toml", "metrics.jsonl", "final/config.json", "final/model.safetensors", "final/tokenizer.json"] {
+        assert!(tmp.path().join(f).exists(), "missing {f}");
+    }
+    let m: serde_json::Value = serde_json::from_str(std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    for k in ["loss", "divergence", "divergence_pos_0_10", "entropy", "response_len", "refusal_rate", "lr", "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s", "wall_time_s"] {
+        assert!(m.get(k).is_some(), "metrics lack {k}");
+    }
+    let gen = Command::new(env!("CARGO_BIN_EXE_opsa"))
+        .args(["generate", "--model"])
+        .arg(tmp.path().join("final"))
+        .args(["--prompt", "What is 17*23?", "--chat", "--max-new-tokens", "4", "--json"])
+        .output()
+        .unwrap();
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+}
+
+#[test]
+fn bad_configs_and_data_fail_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let err = |extra: &[&str]| config(&out, extra).err().map(|e| e.to_string());
+    assert!(err(&["optim.lrr=1"]).unwrap().contains("unknown field `lrr`"));
+    assert!(err(&["optim.lr=0"]).unwrap().contains("optim.lr must be > 0"));
+    assert!(err(&["optim.lr=-1e-5"]).unwrap().contains("optim.lr"));
+    assert!(err(&["divergence.kind=\"hellinger\""]).unwrap().contains("hellinger"));
+    let dev = Default::default();
+    let run = |extra: &[&str]| train_opsa::<B>(&config(&out, extra).unwrap(), false, &RunControl::default(), &dev).unwrap_err().to_string();
+    let data = |name: &str, body: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        format!("data.prompts=\"{}\"", p.display())
+    };
+    let e = run(&[&data("a.jsonl", "{\"prompt\": \"hi\", \"label\": \"benign\"}\n{\"prompt\": \"x\"\n")]);
+    assert!(e.contains("a.jsonl:2"), "{e}");
+    let e = run(&[&data("b.jsonl", "{\"prompt\": \"hi\"}\n")]);
+    assert!(e.contains("b.jsonl:1") && e.contains("label"), "{e}");
+    let e = run(&[&data("c.jsonl", "")]);
+    assert!(e.contains("no prompts"), "{e}");
+    let e = run(&["context.harmful=\"\""]);
+    assert!(e.contains("context.harmful tokenises to no tokens"), "{e}");
+    assert!(!out.join("metrics.jsonl").exists(), "nothing is written before the checks pass");
+    assert!(read_prompts(&root().join("tests/fixtures/prompts-tiny.jsonl")).unwrap().len() >= 10);
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &["optim.lr=1e30", "optim.grad_clip=0", "schedule.warmup_ratio=0", "train.save_every=1"]).unwrap();
+    let e = train_opsa::<B>(&cfg, false, &RunControl::default(), &Default::default()).unwrap_err();
+    assert!(matches!(e, TrainError::NonFinite(_)), "{e}");
+    let ckpts = opsa_train::checkpoint::list_checkpoints(tmp.path());
+    assert!(!ckpts.is_empty(), "the checkpoint before the failure is kept");
+    // It is complete and loads.
+    load_model::<NdArray>(&ckpts.last().unwrap().1.join("model"), &LoadOptions::default(), &Default::default()).unwrap();
+}
