@@ -10,6 +10,9 @@
 //! Environment: OPSA_BENCH_PROMPT (prompt tokens, default 128), OPSA_BENCH_NEW (decode tokens,
 //! default 64), OPSA_BENCH_BATCHES (default "1,8").
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{config, env_usize};
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
@@ -17,30 +20,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use opsa_generate::{generate, SamplingParams};
 use opsa_models::checkpoint::random_model;
 use opsa_models::decoder::Positions;
-use opsa_models::{DecoderConfig, WeightDType};
-
-fn config() -> DecoderConfig {
-    DecoderConfig {
-        vocab_size: 32768,
-        hidden_size: 512,
-        intermediate_size: 1536,
-        num_hidden_layers: 8,
-        num_attention_heads: 8,
-        num_key_value_heads: 4,
-        head_dim: 64,
-        max_position_embeddings: 4096,
-        rms_norm_eps: 1e-6,
-        rope_theta: 1_000_000.0,
-        tie_word_embeddings: true,
-        qkv_bias: false,
-        o_bias: false,
-        qk_norm: true,
-    }
-}
-
-fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
-}
+use opsa_models::WeightDType;
 
 fn bench<B: Backend>(name: &str, device: &B::Device) {
     let cfg = config();

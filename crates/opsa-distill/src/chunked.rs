@@ -21,7 +21,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use opsa_models::CausalLm;
 
-use crate::divergence::{token_mean, Divergence};
+use crate::divergence::{token_mean, Divergence, PerToken};
 
 /// Which positions are distilled. Entry `i` describes one response token: the flat index
 /// (`row * t + position`) of the student position that predicts it, the teacher position that
@@ -72,6 +72,29 @@ fn head<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 2>, rows: &[usize]) -
     model.logits(h.unsqueeze::<3>()).reshape([c, model.config.vocab_size])
 }
 
+/// `[b, t, hidden]` → `[b * t, hidden]`: rows indexed as in [`Targets`].
+fn flat<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [b, t, d] = h.dims();
+    h.reshape([b * t, d])
+}
+
+/// The divergence at `targets[range]`, with the student logits it was computed from.
+fn per_token_range<B: AutodiffBackend>(
+    div: &Divergence,
+    student: &CausalLm<B>,
+    hs: Tensor<B, 2>,
+    teacher: &CausalLm<B::InnerBackend>,
+    ht: Tensor<B::InnerBackend, 2>,
+    targets: &Targets,
+    range: std::ops::Range<usize>,
+) -> (PerToken<B>, Tensor<B, 2>) {
+    let s_logits = head(student, hs, &targets.student_rows[range.clone()]); // [c, vocab]
+    let t_logits = Tensor::<B, 2>::from_inner(head(teacher, ht, &targets.teacher_rows[range.clone()]));
+    let tokens: Vec<usize> = targets.tokens[range].iter().map(|&x| x as usize).collect();
+    let pt = div.per_token(s_logits.clone(), t_logits, index::<B>(&tokens, &student.device()));
+    (pt, s_logits)
+}
+
 /// Chunked loss and gradients (see the module docs).
 ///
 /// # Shapes
@@ -88,22 +111,17 @@ pub fn backward_chunked<B: AutodiffBackend>(
     chunk: usize,
 ) -> DistillGrads {
     let device = student.device();
-    let [b, t, h] = student_hidden.dims();
-    let [tb, tt, th] = teacher_hidden.dims();
-    let hs = student_hidden.reshape([b * t, h]);
-    let ht = teacher_hidden.reshape([tb * tt, th]);
+    let hs = flat(student_hidden);
+    let ht = flat(teacher_hidden);
     // 2. A leaf cut at the hidden states: chunks back-propagate into it and into the head only.
     let leaf = hs.clone().detach().require_grad();
     let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
-    let mut grad_h: Tensor<B::InnerBackend, 2> = Tensor::zeros([b * t, h], (&device, hs.dtype()));
+    let mut grad_h: Tensor<B::InnerBackend, 2> = Tensor::zeros(hs.dims(), (&device, hs.dtype()));
     let (mut loss, mut values, mut entropy) = (0.0, Vec::with_capacity(targets.len()), Vec::with_capacity(targets.len()));
     let chunk = chunk.max(1);
     for start in (0..targets.len()).step_by(chunk) {
         let end = (start + chunk).min(targets.len());
-        let s_logits = head(student, leaf.clone(), &targets.student_rows[start..end]); // [c, vocab]
-        let t_logits = Tensor::<B, 2>::from_inner(head(teacher, ht.clone(), &targets.teacher_rows[start..end]));
-        let tokens: Vec<usize> = targets.tokens[start..end].iter().map(|&x| x as usize).collect();
-        let pt = div.per_token(s_logits.clone(), t_logits, index::<B>(&tokens, &device));
+        let (pt, s_logits) = per_token_range(div, student, leaf.clone(), teacher, ht.clone(), targets, start..end);
         // Student entropy at these positions (metrics only).
         let lq = log_softmax(s_logits.inner(), 1);
         let ent = (lq.clone().exp() * lq).sum_dim(1).neg().reshape([end - start]);
@@ -135,11 +153,6 @@ pub fn loss_unchunked<B: AutodiffBackend>(
     targets: &Targets,
     step_tokens: usize,
 ) -> Tensor<B, 1> {
-    let [b, t, h] = student_hidden.dims();
-    let [tb, tt, th] = teacher_hidden.dims();
-    let s_logits = head(student, student_hidden.reshape([b * t, h]), &targets.student_rows);
-    let t_logits = Tensor::<B, 2>::from_inner(head(teacher, teacher_hidden.reshape([tb * tt, th]), &targets.teacher_rows));
-    let tokens: Vec<usize> = targets.tokens.iter().map(|&x| x as usize).collect();
-    let pt = div.per_token(s_logits, t_logits, index::<B>(&tokens, &student.device()));
+    let (pt, _) = per_token_range(div, student, flat(student_hidden), teacher, flat(teacher_hidden), targets, 0..targets.len());
     token_mean(pt.loss, step_tokens)
 }
