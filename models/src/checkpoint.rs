@@ -252,6 +252,12 @@ pub fn load_model<B: Backend>(dir: &Path, opts: &LoadOptions, device: &B::Device
     }
     let config = ModelConfig::from_file(&config_path)?;
     let dcfg = config.decoder(&config_path)?;
+    if !B::supports_dtype(device, opts.dtype.burn()) {
+        return Err(Error::Input(format!(
+            "dtype {} is not supported by this backend; use f32 here (bf16 runs on the cuda and wgpu backends)",
+            opts.dtype.hf_name()
+        )));
+    }
 
     let files = weight_files(dir)?;
     let maps: Vec<(PathBuf, memmap2::Mmap)> = files

@@ -217,6 +217,8 @@ fn bad_generation_arguments() {
     let long = "word ".repeat(400);
     fails(&["generate", "--model", dir, "--prompt", &long], &["max_position_embeddings (256)"]);
     fails(&gen_args(dir, &["--dtype", "f64"]), &[]);
+    // The CPU test backend holds no bf16 weights: a clear error, not a panic inside the backend.
+    fails(&gen_args(dir, &["--dtype", "bf16", "--backend", "ndarray"]), &["bfloat16", "not supported by this backend"]);
 }
 
 #[test]

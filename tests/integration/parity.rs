@@ -146,3 +146,20 @@ backend_tests!(ndarray, burn::backend::NdArray, 1e-4);
 backend_tests!(flex, burn::backend::Flex, 1e-4);
 #[cfg(feature = "wgpu")]
 backend_tests!(wgpu, burn::backend::Wgpu, 1e-4);
+
+/// bf16 weights and activations (with f32 norms, softmax and logits) stay close to the f32
+/// reference; flex is the CPU backend that holds bf16.
+#[cfg(feature = "flex")]
+#[test]
+fn bf16_logits_stay_close_to_the_f32_reference() {
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    for name in FAMILIES {
+        let opts = LoadOptions { dtype: WeightDType::BF16 };
+        let (model, _) = load_model::<F>(&fixture(name), &opts, &device).unwrap();
+        let ids = ids(&reference(name)["inputs"][0]);
+        let (_, expected) = reference_logits(name, 0);
+        let d = max_abs_diff(&logits_of(&model, &ids), &expected);
+        assert!(d < 0.1, "{name}: bf16 logits differ from the f32 reference by {d}");
+    }
+}

@@ -152,6 +152,14 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
         let (student, _) = load_model::<B>(model_dir, &LoadOptions { dtype }, device)?;
         (student, TrainState { total_steps: total, seed: cfg.train.seed, ..Default::default() })
     };
+    if student.config.vocab_size != teacher.config.vocab_size {
+        return Err(TrainError::Config(format!(
+            "student vocab_size {} differs from the teacher's {} ({}): the divergence needs one vocabulary",
+            student.config.vocab_size,
+            teacher.config.vocab_size,
+            model_dir.display()
+        )));
+    }
     std::fs::create_dir_all(&run).map_err(|e| TrainError::Io(format!("{}: {e}", run.display())))?;
     std::fs::write(run.join("config.toml"), cfg.to_toml()).map_err(|e| TrainError::Io(format!("{}: {e}", run.display())))?;
     let metrics_path = run.join("metrics.jsonl");
