@@ -220,6 +220,7 @@ pub fn generate<B: Backend>(
     if max_new == 0 {
         return Ok(out);
     }
+    let stop_window = params.stop_strings.iter().map(String::len).max().unwrap_or(0) + 4;
     let mut rngs: Vec<SplitMix64> = row_index.iter().map(|&i| SplitMix64::for_row(params.seed, i)).collect();
 
     // 1. Left padding: row r's real tokens sit at key indices pad[r]..longest.
@@ -257,7 +258,11 @@ pub fn generate<B: Backend>(
                 g.finish_reason = FinishReason::Stop;
                 done = true;
             } else if let (Some(tok), false) = (tokenizer, params.stop_strings.is_empty()) {
-                let text = tok.decode(&g.token_ids, true)?;
+                // Only a stop string ending in the newest token is new: decode a tail long
+                // enough to hold the longest one (every token is at least one byte; a few more
+                // for a character split across tokens), not the whole response every step.
+                let tail = g.token_ids.len().saturating_sub(stop_window);
+                let text = tok.decode(&g.token_ids[tail..], true)?;
                 if params.stop_strings.iter().any(|s| text.contains(s.as_str())) {
                     g.finish_reason = FinishReason::Stop;
                     done = true;
