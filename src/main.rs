@@ -28,9 +28,82 @@ enum Command {
     Score(ScoreArgs),
     /// Train a model (method and settings from a TOML config; see configs/).
     Train(TrainArgs),
+    /// Evaluate a model on a suite of safety and reasoning benchmarks (see configs/eval/).
+    Eval(EvalArgs),
+    /// Teacher flip rate of candidate privileged contexts; writes the best to best-context.txt.
+    FlipRate(FlipArgs),
     /// Load a Hugging Face folder and write it back as a new one (e.g. to change the dtype),
     /// with the same writer training checkpoints use.
     Convert(ConvertArgs),
+}
+
+#[derive(Args, Clone)]
+struct JudgeArgs {
+    /// Safety judge: `refusal` (rule-based), `model:DIR` (a classifier LM, Llama-Guard style) or
+    /// `http:URL` (OpenAI-compatible server; API key from OPSA_JUDGE_API_KEY, model name from
+    /// OPSA_JUDGE_MODEL).
+    #[arg(long, default_value = "refusal")]
+    judge: String,
+    /// Prompt template for model:/http: judges, with {prompt} and {response}
+    /// (default: configs/judges/llama-guard.txt, built in).
+    #[arg(long, value_name = "FILE")]
+    judge_template: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Hugging Face model folder to evaluate.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Suite TOML (benchmarks, samples, sampling, chat-template options).
+    #[arg(long, value_name = "FILE")]
+    suite: PathBuf,
+    #[command(flatten)]
+    judge: JudgeArgs,
+    /// Output folder: items.jsonl and summary.json; a rerun skips items already written.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+    #[arg(long, default_value = "f32", value_parser = WeightDType::parse)]
+    dtype: WeightDType,
+}
+
+#[derive(Args)]
+struct FlipArgs {
+    /// Hugging Face folder of the frozen model (the teacher).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Candidate contexts, JSONL: {"id", "context", "kind": "harmful" | "benign"} (e.g. configs/contexts/pool.jsonl).
+    #[arg(long, value_name = "FILE")]
+    contexts: PathBuf,
+    /// Harmful prompts (JSONL with `prompt`, or any dataset via --prompts-format).
+    #[arg(long, value_name = "FILE")]
+    prompts: PathBuf,
+    /// Format of --prompts: jsonl, strongreject, harmbench, xstest.
+    #[arg(long, default_value = "jsonl")]
+    prompts_format: String,
+    /// Benign prompts, JSONL with `prompt` (for the benign contexts' over-refusal).
+    #[arg(long, value_name = "FILE")]
+    benign_prompts: Option<PathBuf>,
+    #[command(flatten)]
+    judge: JudgeArgs,
+    /// Where the context goes: system, prepend or append (as in the trainer).
+    #[arg(long, default_value = "prepend")]
+    placement: String,
+    /// Greedy response length.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Chat-template variable KEY=VALUE (repeatable), e.g. enable_thinking=false.
+    #[arg(long = "template-var", value_name = "KEY=VALUE")]
+    template_vars: Vec<String>,
+    /// Output folder: responses.jsonl (resumable), results.json, table.md, best-context.txt.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
 }
 
 #[derive(Args)]
@@ -163,6 +236,8 @@ fn main() -> ExitCode {
         Command::Score(a) => dispatch(a.m.backend, |r| r.score(a)),
         Command::Convert(a) => dispatch(None, |r| r.convert(a)),
         Command::Train(a) => dispatch(a.backend, |r| r.train(a)),
+        Command::Eval(a) => dispatch(a.backend, |r| r.eval(a)),
+        Command::FlipRate(a) => dispatch(a.backend, |r| r.flip_rate(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -217,6 +292,21 @@ trait Commands {
     fn score(&self, a: &ScoreArgs) -> Result<()>;
     fn convert(&self, a: &ConvertArgs) -> Result<()>;
     fn train(&self, a: &TrainArgs) -> Result<()>;
+    fn eval(&self, a: &EvalArgs) -> Result<()>;
+    fn flip_rate(&self, a: &FlipArgs) -> Result<()>;
+}
+
+/// A model folder with its tokenizer, config and tokenizer checked against each other.
+fn open_model<B: Backend>(dir: &Path, dtype: WeightDType, device: &B::Device) -> Result<(opsa_models::CausalLm<B>, HfTokenizer)> {
+    if !dir.is_dir() {
+        bail!("{}: model folder does not exist or is not a folder", dir.display());
+    }
+    let config_path = dir.join("config.json");
+    let config = ModelConfig::from_file(&config_path)?;
+    let tok = HfTokenizer::from_dir(dir)?;
+    tok.check_vocab(config.decoder(&config_path)?.vocab_size)?;
+    let (model, _) = load_model::<B>(dir, &LoadOptions { dtype }, device)?;
+    Ok((model, tok))
 }
 
 /// Set by Ctrl-C: the trainer saves a checkpoint at the end of the step and stops.
@@ -242,15 +332,7 @@ struct Loaded<B: Backend> {
 impl<B: Backend> Loaded<B> {
     fn open(m: &ModelArgs, device: &B::Device) -> Result<Self> {
         let vars = parse_template_vars(&m.template_vars)?;
-        if !m.model.is_dir() {
-            bail!("{}: model folder does not exist or is not a folder", m.model.display());
-        }
-        // Config and tokenizer are checked against each other before any weight is read.
-        let config_path = m.model.join("config.json");
-        let config = ModelConfig::from_file(&config_path)?;
-        let tok = HfTokenizer::from_dir(&m.model)?;
-        tok.check_vocab(config.decoder(&config_path)?.vocab_size)?;
-        let (model, _) = load_model::<B>(&m.model, &LoadOptions { dtype: m.dtype }, device)?;
+        let (model, tok) = open_model::<B>(&m.model, m.dtype, device)?;
         if m.chat && !tok.has_chat_template() {
             // Fail before any work, with the folder named.
             tok.apply_chat_template(&[], true, &vars)?;
@@ -367,6 +449,46 @@ impl<B: Backend> Commands for Runner<B> {
             bar.inc((end - start) as u64);
         }
         bar.finish_and_clear();
+        Ok(())
+    }
+
+    fn eval(&self, a: &EvalArgs) -> Result<()> {
+        let suite = opsa_eval::suite::Suite::load(&a.suite)?;
+        let mut judge = opsa_eval::judge::from_spec::<B>(&a.judge.judge, a.judge.judge_template.as_deref(), &self.device)?;
+        let (model, tok) = open_model::<B>(&a.model, a.dtype, &self.device)?;
+        let summary = opsa_eval::suite::run_suite(&model, &tok, &suite, judge.as_mut(), &a.out, true)?;
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        Ok(())
+    }
+
+    fn flip_rate(&self, a: &FlipArgs) -> Result<()> {
+        let candidates = opsa_eval::flip::read_candidates(&a.contexts)?;
+        let harmful: Vec<String> = opsa_eval::datasets::load(&a.prompts_format, &a.prompts)?
+            .into_iter()
+            .filter(|i| i.kind != opsa_eval::datasets::Kind::Benign)
+            .map(|i| i.prompt)
+            .collect();
+        let benign: Vec<String> = match &a.benign_prompts {
+            Some(p) => read_prompts_file(p)?,
+            None if candidates.iter().any(|c| c.kind == "benign") => {
+                bail!("the contexts file has benign contexts: give --benign-prompts FILE to measure their over-refusal")
+            }
+            None => vec![],
+        };
+        let placement: opsa_distill::Placement = serde_json::from_value(Value::String(a.placement.clone()))
+            .map_err(|_| anyhow::anyhow!("--placement `{}`: expected system, prepend or append", a.placement))?;
+        let mut judge = opsa_eval::judge::from_spec::<B>(&a.judge.judge, a.judge.judge_template.as_deref(), &self.device)?;
+        let (model, tok) = open_model::<B>(&a.model, WeightDType::F32, &self.device)?;
+        let settings = opsa_eval::flip::FlipSettings {
+            placement,
+            separator: "\n\n".into(),
+            max_new_tokens: a.max_new_tokens,
+            batch_size: a.batch_size,
+            vars: parse_template_vars(&a.template_vars)?,
+        };
+        opsa_eval::flip::flip_rate(&model, &tok, &candidates, &harmful, &benign, judge.as_mut(), &settings, &a.out, true)?;
+        print!("{}", std::fs::read_to_string(a.out.join("table.md"))?);
+        eprintln!("best harmful context written to {}", a.out.join("best-context.txt").display());
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 mod common;
 mod cli;
 mod distill;
+mod eval;
 mod parity;
 mod tokenizer;
 mod train;

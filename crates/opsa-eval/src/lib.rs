@@ -1,6 +1,17 @@
-//! `opsa-eval`: evaluation pieces. Today: the rule-based refusal detector that the trainer's
-//! metrics and (next) the `refusal` judge share.
+//! `opsa-eval`: measuring the safety tax.
+//!
+//! - [`refusal`]: the rule-based refusal detector (also the trainer's refusal metric);
+//! - [`datasets`]: loaders for the benchmark formats, with file:line errors;
+//! - [`reasoning`]: final-answer extraction and exact scoring;
+//! - [`judge`]: safety judges behind one trait (`refusal`, `model:DIR`, `http:URL`);
+//! - [`suite`]: `opsa eval` — generate, judge and score a suite, resumably;
+//! - [`flip`]: `opsa flip-rate` — the teacher flip rate of candidate contexts.
 
+pub mod datasets;
+pub mod flip;
+pub mod judge;
+pub mod reasoning;
 pub mod refusal;
+pub mod suite;
 
 pub use refusal::{classify, Verdict};

@@ -188,23 +188,8 @@ pub fn generate<B: Backend>(
     if n == 0 {
         return Ok(vec![]);
     }
-    for (i, p) in prompts.iter().enumerate() {
-        if p.is_empty() {
-            return Err(GenerateError::Input(format!("prompt {i} is empty (it tokenised to no ids)")));
-        }
-        if p.len() > cfg.max_position_embeddings {
-            return Err(GenerateError::Input(format!(
-                "prompt {i} has {} tokens, more than the model's max_position_embeddings ({})",
-                p.len(),
-                cfg.max_position_embeddings
-            )));
-        }
-        if let Some(&bad) = p.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(GenerateError::Input(format!("prompt {i} has token id {bad} >= vocab_size {}", cfg.vocab_size)));
-        }
-    }
+    validate_prompts(model, prompts)?;
     let device = model.device();
-    let longest = prompts.iter().map(Vec::len).max().unwrap();
     // Never past the model's context: a row stops with `length` at max_position_embeddings.
     let max_new = params.max_new_tokens.min(cfg.max_position_embeddings - prompts.iter().map(Vec::len).min().unwrap());
     let mut out: Vec<Generation> = prompts
@@ -223,24 +208,9 @@ pub fn generate<B: Backend>(
     let stop_window = params.stop_strings.iter().map(String::len).max().unwrap_or(0) + 4;
     let mut rngs: Vec<SplitMix64> = row_index.iter().map(|&i| SplitMix64::for_row(params.seed, i)).collect();
 
-    // 1. Left padding: row r's real tokens sit at key indices pad[r]..longest.
-    let pad_id = 0i64;
-    let mut ids = Vec::with_capacity(n * longest);
-    let mut key_valid: Vec<Vec<bool>> = Vec::with_capacity(n);
-    let mut positions: Vec<Vec<usize>> = Vec::with_capacity(n);
-    for p in prompts {
-        let pad = longest - p.len();
-        ids.extend(std::iter::repeat(pad_id).take(pad).chain(p.iter().map(|&t| t as i64)));
-        key_valid.push((0..longest).map(|j| j >= pad).collect());
-        positions.push((0..longest).map(|j| j.saturating_sub(pad)).collect());
-    }
+    // 1–2. Left-padded prefill into a cache sized for the whole job.
+    let (mut logits, mut cache, mut key_valid) = prefill(model, prompts, max_new);
     let mut next_pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
-
-    // 2. Prefill into a cache sized for the whole job.
-    let mut cache = KvCache::new(cfg, n, longest + max_new, model.dtype(), &device);
-    let pos = Positions::with_cache(&key_valid, &positions, 0);
-    let hidden = model.forward_hidden(int_tensor(ids, [n, longest], &device), &pos, Some(&mut cache));
-    let mut logits: Tensor<B, 2> = model.logits(hidden.narrow(1, longest - 1, 1)).reshape([n, cfg.vocab_size]);
 
     // `active[slot]` = index into `out` of the row in batch slot `slot`.
     let mut active: Vec<usize> = (0..n).collect();
@@ -310,6 +280,70 @@ pub fn generate<B: Backend>(
         }
     }
     Ok(out)
+}
+
+/// Prompts must be non-empty, fit the context and use only ids the model has.
+fn validate_prompts<B: Backend>(model: &CausalLm<B>, prompts: &[Vec<u32>]) -> Result<()> {
+    let cfg = &model.config;
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(GenerateError::Input(format!("prompt {i} is empty (it tokenised to no ids)")));
+        }
+        if p.len() > cfg.max_position_embeddings {
+            return Err(GenerateError::Input(format!(
+                "prompt {i} has {} tokens, more than the model's max_position_embeddings ({})",
+                p.len(),
+                cfg.max_position_embeddings
+            )));
+        }
+        if let Some(&bad) = p.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(GenerateError::Input(format!("prompt {i} has token id {bad} >= vocab_size {}", cfg.vocab_size)));
+        }
+    }
+    Ok(())
+}
+
+/// Left-pad `prompts` (row r's real tokens at key indices `pad[r]..longest`, each row with its
+/// own rotary positions from 0, padding keys masked) and run them through the model into a
+/// cache with room for `extra` more positions.
+///
+/// Returns the last position's logits `[n, vocab]` (f32), the cache and the key-validity flags.
+fn prefill<B: Backend>(model: &CausalLm<B>, prompts: &[Vec<u32>], extra: usize) -> (Tensor<B, 2>, KvCache<B>, Vec<Vec<bool>>) {
+    let device = model.device();
+    let (n, longest) = (prompts.len(), prompts.iter().map(Vec::len).max().unwrap_or(1));
+    let pad_id = 0i64;
+    let mut ids = Vec::with_capacity(n * longest);
+    let mut key_valid: Vec<Vec<bool>> = Vec::with_capacity(n);
+    let mut positions: Vec<Vec<usize>> = Vec::with_capacity(n);
+    for p in prompts {
+        let pad = longest - p.len();
+        ids.extend(std::iter::repeat(pad_id).take(pad).chain(p.iter().map(|&t| t as i64)));
+        key_valid.push((0..longest).map(|j| j >= pad).collect());
+        positions.push((0..longest).map(|j| j.saturating_sub(pad)).collect());
+    }
+    let mut cache = KvCache::new(&model.config, n, longest + extra, model.dtype(), &device);
+    let pos = Positions::with_cache(&key_valid, &positions, 0);
+    let hidden = model.forward_hidden(int_tensor(ids, [n, longest], &device), &pos, Some(&mut cache));
+    let logits = model.logits(hidden.narrow(1, longest - 1, 1)).reshape([n, model.config.vocab_size]);
+    (logits, cache, key_valid)
+}
+
+/// Next-token log-probabilities of the given candidate ids after each prompt (raw model), as
+/// classifier judges read a verdict: entry `[row][j]` is `log p(candidates[j] | prompts[row])`.
+pub fn next_token_logprobs<B: Backend>(model: &CausalLm<B>, prompts: &[Vec<u32>], candidates: &[u32]) -> Result<Vec<Vec<f32>>> {
+    validate_prompts(model, prompts)?;
+    if prompts.is_empty() {
+        return Ok(vec![]);
+    }
+    let (logits, _, _) = prefill(model, prompts, 0);
+    let n = prompts.len();
+    let idx = int_tensor::<B, 2>(
+        (0..n).flat_map(|_| candidates.iter().map(|&c| c as i64)).collect(),
+        [n, candidates.len()],
+        &model.device(),
+    );
+    let lp: Vec<f32> = log_softmax(logits, 1).gather(1, idx).into_data().convert::<f32>().to_vec().unwrap();
+    Ok(lp.chunks(candidates.len()).map(<[f32]>::to_vec).collect())
 }
 
 /// Teacher-forced log-probabilities of `response` after `prompt`: entry `i` is

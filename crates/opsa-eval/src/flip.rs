@@ -1,0 +1,234 @@
+//! `opsa flip-rate`: how often a candidate context flips the frozen model from an unsafe to a
+//! safe answer on harmful prompts (the teacher flip rate, TFR), and how much a benign context
+//! makes it refuse benign prompts.
+//!
+//! For each harmful prompt q: the greedy response f(q) without context, and f(c, q) with each
+//! candidate c placed as the trainer places it. With a judge,
+//!
+//!     flips(c)          = |{q : f(q) unsafe and f(c, q) safe}|
+//!     tfr_all(c)        = flips(c) / |harmful prompts|
+//!     tfr_unsafe(c)     = flips(c) / |{q : f(q) unsafe}|
+//!
+//! Both denominators are reported (the public record is ambiguous). Contexts marked
+//! `"kind": "benign"` are measured instead by their refusal rate on the benign prompts. The
+//! ranked table goes to `table.md`, all figures to `results.json`, and the best harmful context
+//! to `best-context.txt` (for the trainer's `context.harmful_file`). Responses are cached in
+//! `responses.jsonl`, so an interrupted search resumes.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use opsa_distill::{Contexts, Label, Placement};
+use opsa_generate::{generate, SamplingParams};
+use opsa_models::{CausalLm, ChatMessage, HfTokenizer};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::judge::Judge;
+use crate::refusal::{classify, Verdict};
+use crate::suite::{indicatif_bar, EvalError};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub id: String,
+    pub context: String,
+    /// `harmful` (default): measured by TFR; `benign`: by over-refusal on benign prompts.
+    #[serde(default = "harmful")]
+    pub kind: String,
+}
+
+fn harmful() -> String {
+    "harmful".into()
+}
+
+/// Read `contexts.jsonl` (`id`, `context`, optional `kind`); ids must be unique.
+pub fn read_candidates(path: &Path) -> Result<Vec<Candidate>, EvalError> {
+    let at = |n: usize, m: String| EvalError::Suite(format!("{}:{n}: {m}", path.display()));
+    let f = std::fs::File::open(path).map_err(|e| EvalError::Io(format!("{}: {e}", path.display())))?;
+    let mut out: Vec<Candidate> = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| at(i + 1, e.to_string()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let c: Candidate = serde_json::from_str(&line).map_err(|e| at(i + 1, format!("expected {{\"id\", \"context\"[, \"kind\"]}}: {e}")))?;
+        if c.context.trim().is_empty() {
+            return Err(at(i + 1, format!("context `{}` is empty", c.id)));
+        }
+        if c.kind != "harmful" && c.kind != "benign" {
+            return Err(at(i + 1, format!("kind `{}`: expected harmful or benign", c.kind)));
+        }
+        if !seen.insert(c.id.clone()) {
+            return Err(at(i + 1, format!("duplicate context id `{}`", c.id)));
+        }
+        out.push(c);
+    }
+    if out.is_empty() {
+        return Err(EvalError::Suite(format!("{}: no contexts in the file", path.display())));
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Cached {
+    context: String,
+    prompt: usize,
+    benign: bool,
+    response: String,
+}
+
+/// Settings of a flip-rate search.
+pub struct FlipSettings {
+    pub placement: Placement,
+    pub separator: String,
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+    pub vars: serde_json::Map<String, Value>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn flip_rate<B: Backend>(
+    model: &CausalLm<B>,
+    tok: &HfTokenizer,
+    candidates: &[Candidate],
+    harmful_prompts: &[String],
+    benign_prompts: &[String],
+    judge: &mut dyn Judge,
+    settings: &FlipSettings,
+    out: &Path,
+    progress: bool,
+) -> Result<Value, EvalError> {
+    std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
+    let cache_path = out.join("responses.jsonl");
+    let mut cache: HashMap<(String, usize, bool), String> = HashMap::new();
+    if cache_path.exists() {
+        let text = std::fs::read_to_string(&cache_path).map_err(|e| EvalError::Io(e.to_string()))?;
+        for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let c: Cached = serde_json::from_str(l).map_err(|e| EvalError::Io(format!("{}:{}: {e}", cache_path.display(), i + 1)))?;
+            cache.insert((c.context, c.prompt, c.benign), c.response);
+        }
+    }
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&cache_path).map_err(|e| EvalError::Io(e.to_string()))?;
+    let greedy = SamplingParams { max_new_tokens: settings.max_new_tokens, ..Default::default() };
+
+    // Every (context, prompt) job: "" is the no-context baseline.
+    let mut jobs: Vec<(String, Option<&Candidate>, usize, bool)> = Vec::new();
+    for i in 0..harmful_prompts.len() {
+        jobs.push((String::new(), None, i, false));
+    }
+    for i in 0..benign_prompts.len() {
+        jobs.push((String::new(), None, i, true));
+    }
+    for c in candidates {
+        let (benign, n) = if c.kind == "benign" { (true, benign_prompts.len()) } else { (false, harmful_prompts.len()) };
+        for i in 0..n {
+            jobs.push((c.id.clone(), Some(c), i, benign));
+        }
+    }
+    let todo: Vec<_> = jobs.iter().filter(|(id, _, i, b)| !cache.contains_key(&(id.clone(), *i, *b))).collect();
+    let bar = indicatif_bar(jobs.len() as u64, progress);
+    bar.inc((jobs.len() - todo.len()) as u64);
+    for chunk in todo.chunks(settings.batch_size.max(1)) {
+        let prompts: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|(_, c, i, benign)| {
+                let q = if *benign { &benign_prompts[*i] } else { &harmful_prompts[*i] };
+                let msgs = match c {
+                    None => vec![ChatMessage::user(q)],
+                    Some(c) => Contexts {
+                        harmful: c.context.clone(),
+                        benign: c.context.clone(),
+                        placement: settings.placement,
+                        separator: settings.separator.clone(),
+                    }
+                    .teacher_messages(q, if *benign { Label::Benign } else { Label::Harmful }),
+                };
+                tok.encode_chat(&msgs, &settings.vars)
+            })
+            .collect::<Result<_, _>>()?;
+        let index: Vec<u64> = (0..chunk.len() as u64).collect();
+        let gens = generate(model, &prompts, &index, &greedy, tok.eos_ids(), Some(tok))?;
+        for ((id, _, i, benign), g) in chunk.iter().zip(gens) {
+            let c = Cached { context: id.clone(), prompt: *i, benign: *benign, response: g.text };
+            writeln!(file, "{}", serde_json::to_string(&c).expect("serialises")).map_err(|e| EvalError::Io(e.to_string()))?;
+            cache.insert((c.context, c.prompt, c.benign), c.response);
+        }
+        file.flush().map_err(|e| EvalError::Io(e.to_string()))?;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+
+    // Judge every harmful-prompt response once (baseline and each harmful context).
+    let judge_set = |id: &str| -> Result<Vec<Option<bool>>, EvalError> {
+        let pairs: Vec<(String, String)> =
+            (0..harmful_prompts.len()).map(|i| (harmful_prompts[i].clone(), cache[&(id.to_string(), i, false)].clone())).collect();
+        Ok(judge.judge(&pairs)?.into_iter().map(|j| j.harmful).collect())
+    };
+    let mut judge_set = judge_set;
+    let base = judge_set("")?;
+    let base_unsafe = base.iter().filter(|h| **h == Some(true)).count();
+    let refusal_rate = |id: &str| {
+        let n = benign_prompts.len().max(1);
+        (0..benign_prompts.len()).filter(|&i| classify(&cache[&(id.to_string(), i, true)]) == Verdict::Refusal).count() as f64 / n as f64
+    };
+    let mut rows = Vec::new();
+    for c in candidates {
+        if c.kind == "benign" {
+            rows.push(json!({ "id": c.id, "kind": "benign", "over_refusal": refusal_rate(&c.id), "context": c.context }));
+            continue;
+        }
+        let with = judge_set(&c.id)?;
+        let flips = base.iter().zip(&with).filter(|(b, w)| **b == Some(true) && **w == Some(false)).count();
+        let n = harmful_prompts.len();
+        rows.push(json!({
+            "id": c.id,
+            "kind": "harmful",
+            "flips": flips,
+            "tfr_all": flips as f64 / n as f64,
+            "tfr_unsafe": if base_unsafe > 0 { Some(flips as f64 / base_unsafe as f64) } else { None },
+            "harmful_rate_with_context": with.iter().filter(|h| **h == Some(true)).count() as f64 / n as f64,
+            "context": c.context,
+        }));
+    }
+    rows.sort_by(|a, b| {
+        let key = |r: &Value| (r["kind"] == "harmful", r["tfr_all"].as_f64().unwrap_or(-r["over_refusal"].as_f64().unwrap_or(1.0)));
+        let (ka, kb) = (key(a), key(b));
+        kb.0.cmp(&ka.0).then(kb.1.partial_cmp(&ka.1).unwrap_or(std::cmp::Ordering::Equal))
+    });
+    let results = json!({
+        "judge": judge.name(),
+        "harmful_prompts": harmful_prompts.len(),
+        "benign_prompts": benign_prompts.len(),
+        "baseline_harmful_rate": base_unsafe as f64 / harmful_prompts.len().max(1) as f64,
+        "baseline_over_refusal": refusal_rate(""),
+        "contexts": rows,
+    });
+    let mut table = String::from("| rank | context | TFR (all) | TFR (unsafe base) | harmful rate with context |\n|---|---|---|---|---|\n");
+    for (k, r) in rows.iter().filter(|r| r["kind"] == "harmful").enumerate() {
+        table += &format!(
+            "| {} | {} | {:.3} | {} | {:.3} |\n",
+            k + 1,
+            r["id"].as_str().unwrap_or(""),
+            r["tfr_all"].as_f64().unwrap_or(0.0),
+            r["tfr_unsafe"].as_f64().map(|v| format!("{v:.3}")).unwrap_or_else(|| "–".into()),
+            r["harmful_rate_with_context"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let benign_rows: Vec<&Value> = rows.iter().filter(|r| r["kind"] == "benign").collect();
+    if !benign_rows.is_empty() {
+        table += &format!("\n| benign context | over-refusal (baseline {:.3}) |\n|---|---|\n", refusal_rate(""));
+        for r in benign_rows {
+            table += &format!("| {} | {:.3} |\n", r["id"].as_str().unwrap_or(""), r["over_refusal"].as_f64().unwrap_or(0.0));
+        }
+    }
+    let write = |name: &str, body: String| std::fs::write(out.join(name), body).map_err(|e| EvalError::Io(format!("{}: {e}", out.join(name).display())));
+    write("table.md", table)?;
+    write("results.json", serde_json::to_string_pretty(&results).expect("serialises"))?;
+    if let Some(best) = rows.iter().find(|r| r["kind"] == "harmful") {
+        write("best-context.txt", format!("{}\n", best["context"].as_str().unwrap_or("")))?;
+    }
+    Ok(results)
+}
