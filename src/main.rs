@@ -32,6 +32,11 @@ enum Command {
     Eval(EvalArgs),
     /// Teacher flip rate of candidate privileged contexts; writes the best to best-context.txt.
     FlipRate(FlipArgs),
+    /// Compare runs: a Markdown table and SVG plots from eval (summary.json) and training
+    /// (metrics.jsonl) folders.
+    Report(ReportArgs),
+    /// Per-token teacher–student divergence on the student's own responses: by position and by token.
+    AnalyzeKl(KlArgs),
     /// Load a Hugging Face folder and write it back as a new one (e.g. to change the dtype),
     /// with the same writer training checkpoints use.
     Convert(ConvertArgs),
@@ -100,6 +105,63 @@ struct FlipArgs {
     #[arg(long = "template-var", value_name = "KEY=VALUE")]
     template_vars: Vec<String>,
     /// Output folder: responses.jsonl (resumable), results.json, table.md, best-context.txt.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// Folders of `opsa eval` (summary.json) and/or `opsa train` (metrics.jsonl) runs.
+    #[arg(required = true, value_name = "RUN_DIR")]
+    runs: Vec<PathBuf>,
+    /// Output folder: report.md, tradeoff.svg, training_*.svg.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct KlArgs {
+    /// The student (e.g. a trained model, or the base model itself).
+    #[arg(long, value_name = "DIR")]
+    student: PathBuf,
+    /// The teacher's weights (default: the student's).
+    #[arg(long, value_name = "DIR")]
+    teacher: Option<PathBuf>,
+    /// The teacher's privileged context for harmful prompts (text).
+    #[arg(long, value_name = "TEXT", required_unless_present = "teacher_context_file")]
+    teacher_context: Option<String>,
+    /// ... or read from a file (e.g. flip-rate's best-context.txt).
+    #[arg(long, value_name = "FILE", conflicts_with = "teacher_context")]
+    teacher_context_file: Option<PathBuf>,
+    /// The context for prompts labelled benign (default: the harmful one).
+    #[arg(long, value_name = "TEXT")]
+    benign_context: Option<String>,
+    /// system, prepend or append.
+    #[arg(long, default_value = "prepend")]
+    placement: String,
+    /// JSONL with `prompt` and optional `label` (harmful, the default, or benign).
+    #[arg(long, value_name = "FILE")]
+    prompts: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature of the student's responses (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// forward, reverse or mixed (α = 0.5); on the teacher's top-64 unless --full-vocab.
+    #[arg(long, default_value = "mixed")]
+    divergence: String,
+    #[arg(long)]
+    full_vocab: bool,
+    /// Tokens listed in the table.
+    #[arg(long, default_value_t = 20)]
+    top: usize,
+    #[arg(long = "template-var", value_name = "KEY=VALUE")]
+    template_vars: Vec<String>,
+    /// Output folder: kl.json, kl.md, kl_by_position.svg.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     #[arg(long, value_enum)]
@@ -238,6 +300,8 @@ fn main() -> ExitCode {
         Command::Train(a) => dispatch(a.backend, |r| r.train(a)),
         Command::Eval(a) => dispatch(a.backend, |r| r.eval(a)),
         Command::FlipRate(a) => dispatch(a.backend, |r| r.flip_rate(a)),
+        Command::Report(a) => report(a),
+        Command::AnalyzeKl(a) => dispatch(a.backend, |r| r.analyze_kl(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -294,6 +358,18 @@ trait Commands {
     fn train(&self, a: &TrainArgs) -> Result<()>;
     fn eval(&self, a: &EvalArgs) -> Result<()>;
     fn flip_rate(&self, a: &FlipArgs) -> Result<()>;
+    fn analyze_kl(&self, a: &KlArgs) -> Result<()>;
+}
+
+fn report(a: &ReportArgs) -> Result<()> {
+    let md = opsa_eval::report::report(&a.runs, &a.out)?;
+    print!("{md}");
+    eprintln!("report written to {}", a.out.display());
+    Ok(())
+}
+
+fn parse_placement(s: &str) -> Result<opsa_distill::Placement> {
+    serde_json::from_value(Value::String(s.to_string())).map_err(|_| anyhow::anyhow!("--placement `{s}`: expected system, prepend or append"))
 }
 
 /// A model folder with its tokenizer, config and tokenizer checked against each other.
@@ -475,8 +551,7 @@ impl<B: Backend> Commands for Runner<B> {
             }
             None => vec![],
         };
-        let placement: opsa_distill::Placement = serde_json::from_value(Value::String(a.placement.clone()))
-            .map_err(|_| anyhow::anyhow!("--placement `{}`: expected system, prepend or append", a.placement))?;
+        let placement = parse_placement(&a.placement)?;
         let mut judge = opsa_eval::judge::from_spec::<B>(&a.judge.judge, a.judge.judge_template.as_deref(), &self.device)?;
         let (model, tok) = open_model::<B>(&a.model, WeightDType::F32, &self.device)?;
         let settings = opsa_eval::flip::FlipSettings {
@@ -489,6 +564,63 @@ impl<B: Backend> Commands for Runner<B> {
         opsa_eval::flip::flip_rate(&model, &tok, &candidates, &harmful, &benign, judge.as_mut(), &settings, &a.out, true)?;
         print!("{}", std::fs::read_to_string(a.out.join("table.md"))?);
         eprintln!("best harmful context written to {}", a.out.join("best-context.txt").display());
+        Ok(())
+    }
+
+    fn analyze_kl(&self, a: &KlArgs) -> Result<()> {
+        use opsa_distill::{Contexts, Divergence, DivergenceKind, Label};
+        let harmful = match (&a.teacher_context, &a.teacher_context_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?.trim_end().to_string(),
+            (None, None) => bail!("give --teacher-context TEXT or --teacher-context-file FILE"),
+        };
+        let contexts = Contexts {
+            benign: a.benign_context.clone().unwrap_or_else(|| harmful.clone()),
+            harmful,
+            placement: parse_placement(&a.placement)?,
+            separator: "\n\n".into(),
+        };
+        let kind = match a.divergence.as_str() {
+            "forward" => DivergenceKind::Forward,
+            "reverse" => DivergenceKind::Reverse,
+            "mixed" => DivergenceKind::Mixed { alpha: 0.5 },
+            other => bail!("--divergence `{other}`: expected forward, reverse or mixed"),
+        };
+        let div = Divergence { kind, top_k: if a.full_vocab { None } else { Some(64) }, temperature: 1.0, clip: None };
+        let mut prompts = Vec::new();
+        let f = std::fs::File::open(&a.prompts).with_context(|| format!("cannot open {}", a.prompts.display()))?;
+        for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&line).with_context(|| format!("{}:{}: not a JSON object", a.prompts.display(), i + 1))?;
+            let p = v.get("prompt").and_then(Value::as_str).with_context(|| format!("{}:{}: expected a string field `prompt`", a.prompts.display(), i + 1))?;
+            let label = match v.get("label").and_then(Value::as_str) {
+                None | Some("harmful") => Label::Harmful,
+                Some("benign") => Label::Benign,
+                Some(o) => bail!("{}:{}: label `{o}`: expected harmful or benign", a.prompts.display(), i + 1),
+            };
+            prompts.push((p.to_string(), label));
+        }
+        if prompts.is_empty() {
+            bail!("{}: no prompts in the file", a.prompts.display());
+        }
+        let (student, tok) = open_model::<B>(&a.student, WeightDType::F32, &self.device)?;
+        let teacher = match &a.teacher {
+            Some(t) => {
+                let (m, _) = open_model::<B>(t, WeightDType::F32, &self.device)?;
+                if m.config.vocab_size != student.config.vocab_size {
+                    bail!("teacher vocab_size {} differs from the student's {}", m.config.vocab_size, student.config.vocab_size);
+                }
+                m
+            }
+            None => open_model::<B>(&a.student, WeightDType::F32, &self.device)?.0,
+        };
+        let params = SamplingParams { temperature: a.temperature, max_new_tokens: a.max_new_tokens, seed: a.seed, ..Default::default() };
+        let vars = parse_template_vars(&a.template_vars)?;
+        opsa_eval::kl::analyze_kl(&student, &teacher, &tok, &contexts, &prompts, &vars, &div, &params, &a.out, a.top)?;
+        print!("{}", std::fs::read_to_string(a.out.join("kl.md"))?);
         Ok(())
     }
 

@@ -342,23 +342,14 @@ pub fn mean_divergence<B: Backend>(
     params: &SamplingParams,
     divergence: &opsa_distill::Divergence,
 ) -> Result<f64, TrainError> {
-    let device = student.device();
     let prompts: Vec<Vec<u32>> = pairs.iter().map(|p| p.student_prompt.clone()).collect();
     let index: Vec<u64> = (0..pairs.len() as u64).collect();
     let rollouts = generate(student, &prompts, &index, params, tok.eos_ids(), Some(tok))?;
     let (mut total, mut count) = (0.0, 0usize);
     for (pair, g) in pairs.iter().zip(&rollouts) {
-        let (s, t) = pair.join(&g.token_ids);
-        let (ps, pt, r) = (pair.student_prompt.len(), pair.teacher_prompt.len(), g.token_ids.len());
-        let logits = |m: &CausalLm<B>, ids: &[u32], from: usize| {
-            let (x, len) = padded::<B>(&[ids.to_vec()], &device);
-            let h = m.forward_hidden(x, &Positions::causal(1, len), None).narrow(1, from - 1, r);
-            m.logits(h).reshape([r, m.config.vocab_size])
-        };
-        let resp = Tensor::<B, 1, Int>::from_data(TensorData::new(g.token_ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [r]), &device);
-        let v = divergence.per_token(logits(student, &s, ps), logits(teacher, &t, pt), resp).value;
-        total += v.sum().into_data().convert::<f64>().to_vec::<f64>().expect("f64")[0];
-        count += r;
+        let v = opsa_distill::response_divergence(divergence, student, teacher, pair, &g.token_ids);
+        total += v.iter().map(|&x| x as f64).sum::<f64>();
+        count += v.len();
     }
     Ok(total / count.max(1) as f64)
 }

@@ -1,0 +1,102 @@
+//! `opsa analyze-kl`: where the teacher (with its context) and the student disagree, token by
+//! token, on the student's own responses: the mean divergence by response position, and the
+//! tokens with the largest total divergence (the paper finds it concentrated in the first ~10
+//! tokens, on compliance openers such as "Sure" / "Here").
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use opsa_distill::{response_divergence, Contexts, Divergence, Label, Pair};
+use opsa_generate::{generate, SamplingParams};
+use opsa_models::{CausalLm, HfTokenizer};
+use serde_json::json;
+
+use crate::plot::lines;
+use crate::suite::{indicatif_bar, EvalError};
+
+/// Analyse `prompts` (with labels choosing the context). Writes `kl.json`, `kl.md` and
+/// `kl_by_position.svg` to `out`; returns the JSON.
+#[allow(clippy::too_many_arguments)]
+pub fn analyze_kl<B: Backend>(
+    student: &CausalLm<B>,
+    teacher: &CausalLm<B>,
+    tok: &HfTokenizer,
+    contexts: &Contexts,
+    prompts: &[(String, Label)],
+    vars: &serde_json::Map<String, serde_json::Value>,
+    div: &Divergence,
+    params: &SamplingParams,
+    out: &Path,
+    top: usize,
+) -> Result<serde_json::Value, EvalError> {
+    let pairs: Vec<Pair> =
+        prompts.iter().map(|(p, l)| Pair::render(tok, tok, vars, contexts, p, *l).map_err(EvalError::Suite)).collect::<Result<_, _>>()?;
+    let bar = indicatif_bar(pairs.len() as u64, true);
+    let (mut by_pos, mut by_tok): (Vec<(f64, usize)>, HashMap<u32, (f64, usize)>) = (Vec::new(), HashMap::new());
+    let mut total = (0.0, 0usize);
+    for (k, chunk) in pairs.chunks(8).enumerate() {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.student_prompt.clone()).collect();
+        let index: Vec<u64> = (0..chunk.len()).map(|i| (k * 8 + i) as u64).collect();
+        let gens = generate(student, &ids, &index, params, tok.eos_ids(), Some(tok))?;
+        for (pair, g) in chunk.iter().zip(&gens) {
+            let v = response_divergence(div, student, teacher, pair, &g.token_ids);
+            for (i, (&d, &t)) in v.iter().zip(&g.token_ids).enumerate() {
+                if by_pos.len() <= i {
+                    by_pos.push((0.0, 0));
+                }
+                by_pos[i].0 += d as f64;
+                by_pos[i].1 += 1;
+                let e = by_tok.entry(t).or_insert((0.0, 0));
+                e.0 += d as f64;
+                e.1 += 1;
+                total.0 += d as f64;
+                total.1 += 1;
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let mean_by_pos: Vec<f64> = by_pos.iter().map(|(s, n)| s / *n as f64).collect();
+    let bucket = |a: usize, b: usize| {
+        let (s, n) = by_pos.iter().skip(a).take(b.saturating_sub(a)).fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m));
+        (n > 0).then(|| s / n as f64)
+    };
+    let mut tokens: Vec<(u32, f64, usize)> = by_tok.into_iter().map(|(t, (s, n))| (t, s, n)).collect();
+    tokens.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
+    tokens.truncate(top);
+    let token_rows: Vec<serde_json::Value> = tokens
+        .iter()
+        .map(|(t, s, n)| json!({ "id": t, "token": tok.decode(&[*t], false).unwrap_or_default(), "total": s, "count": n, "mean": s / *n as f64 }))
+        .collect();
+    let result = json!({
+        "responses": pairs.len(),
+        "tokens": total.1,
+        "mean": total.0 / total.1.max(1) as f64,
+        "mean_pos_0_10": bucket(0, 10),
+        "mean_pos_10_30": bucket(10, 30),
+        "mean_pos_30_plus": bucket(30, usize::MAX),
+        "mean_by_position": mean_by_pos,
+        "top_tokens": token_rows,
+    });
+    std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
+    let w = |name: &str, body: String| std::fs::write(out.join(name), body).map_err(|e| EvalError::Io(format!("{}: {e}", out.join(name).display())));
+    w("kl.json", serde_json::to_string_pretty(&result).expect("serialises"))?;
+    let series = vec![("mean divergence".to_string(), mean_by_pos.iter().enumerate().map(|(i, v)| (i as f64, *v)).collect())];
+    w("kl_by_position.svg", lines("Teacher–student divergence by response position", "response position", "mean divergence", &series))?;
+    let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.4}")).unwrap_or_else(|| "–".into());
+    let mut md = format!(
+        "# Teacher–student divergence\n\n{} responses, {} tokens, mean {:.4}\n\n| positions | mean |\n|---|---|\n| 0–10 | {} |\n| 10–30 | {} |\n| 30+ | {} |\n\n![by position](kl_by_position.svg)\n\n| token | total | count | mean |\n|---|---|---|---|\n",
+        pairs.len(),
+        total.1,
+        total.0 / total.1.max(1) as f64,
+        f(&result["mean_pos_0_10"]),
+        f(&result["mean_pos_10_30"]),
+        f(&result["mean_pos_30_plus"])
+    );
+    for r in &token_rows {
+        md += &format!("| {:?} | {:.4} | {} | {:.4} |\n", r["token"].as_str().unwrap_or(""), r["total"].as_f64().unwrap_or(0.0), r["count"], r["mean"].as_f64().unwrap_or(0.0));
+    }
+    w("kl.md", md)?;
+    Ok(result)
+}

@@ -1,0 +1,107 @@
+//! `opsa report`: compare runs. Each argument is an evaluation folder (`summary.json`, from
+//! `opsa eval`) and/or a training folder (`metrics.jsonl`, from `opsa train`).
+//!
+//! Writes `report.md` (a table: harmful rate per safety benchmark, over-refusal, reasoning
+//! accuracy, composite safety), `tradeoff.svg` (composite safety vs reasoning accuracy, one
+//! point per run: up and to the right is better) and `training_{loss,divergence,refusal_rate}.svg`
+//! (per step, for the training folders).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::plot::{lines, scatter};
+use crate::suite::EvalError;
+
+fn read_json(p: &Path) -> Result<Option<Value>, EvalError> {
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let t = std::fs::read_to_string(p).map_err(|e| EvalError::Io(format!("{}: {e}", p.display())))?;
+    serde_json::from_str(&t).map(Some).map_err(|e| EvalError::Io(format!("{}: {e}", p.display())))
+}
+
+fn name_of(p: &Path) -> String {
+    p.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| p.display().to_string())
+}
+
+fn pct(v: &Value) -> String {
+    v.as_f64().map(|x| format!("{:.1}", 100.0 * x)).unwrap_or_else(|| "–".into())
+}
+
+/// Build the report; returns the Markdown table.
+pub fn report(runs: &[PathBuf], out: &Path) -> Result<String, EvalError> {
+    let mut evals: Vec<(String, Value)> = Vec::new();
+    let mut curves: Vec<(String, Vec<Value>)> = Vec::new();
+    for r in runs {
+        let s = read_json(&r.join("summary.json"))?;
+        let m = r.join("metrics.jsonl");
+        if s.is_none() && !m.is_file() {
+            return Err(EvalError::Io(format!("{}: neither summary.json (opsa eval) nor metrics.jsonl (opsa train) found", r.display())));
+        }
+        if let Some(s) = s {
+            evals.push((name_of(r), s));
+        }
+        if m.is_file() {
+            let t = std::fs::read_to_string(&m).map_err(|e| EvalError::Io(format!("{}: {e}", m.display())))?;
+            let rows: Vec<Value> = t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+            curves.push((name_of(r), rows));
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
+    let mut md = String::from("# opsa report\n\n");
+    if !evals.is_empty() {
+        let benches: BTreeSet<String> =
+            evals.iter().flat_map(|(_, s)| s["benchmarks"].as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default()).collect();
+        // One column per (benchmark, rate) that some run has.
+        let mut cols: Vec<(String, &str)> = Vec::new();
+        for b in &benches {
+            for (k, label) in [("harmful_rate", "harmful %"), ("over_refusal_rate", "over-refusal %"), ("accuracy", "accuracy %")] {
+                if evals.iter().any(|(_, s)| s["benchmarks"][b.as_str()][k].is_number()) {
+                    cols.push((format!("{b}.{k}"), label));
+                }
+            }
+        }
+        md += "| run | ";
+        md += &cols.iter().map(|(c, l)| format!("{} {l}", c.split('.').next().unwrap_or(""))).collect::<Vec<_>>().join(" | ");
+        md += " | composite safety S % | reasoning mean % |\n|---|";
+        md += &"---|".repeat(cols.len() + 2);
+        md += "\n";
+        for (name, s) in &evals {
+            md += &format!("| {name} | ");
+            for (c, _) in &cols {
+                let (b, k) = c.split_once('.').unwrap();
+                md += &format!("{} | ", pct(&s["benchmarks"][b][k]));
+            }
+            md += &format!("{} | {} |\n", pct(&s["composite_safety"]), pct(&s["reasoning_mean"]));
+        }
+        md += "\nHarmful and over-refusal rates: lower is better. Composite safety S = 1 − mean of the\nharmful and over-refusal rates; reasoning: pass@1. Up and to the right in `tradeoff.svg` is better.\n";
+        let points: Vec<(String, f64, f64)> = evals
+            .iter()
+            .filter_map(|(n, s)| Some((n.clone(), 100.0 * s["composite_safety"].as_f64()?, 100.0 * s["reasoning_mean"].as_f64()?)))
+            .collect();
+        if !points.is_empty() {
+            let svg = scatter("Safety vs reasoning (up and right is better)", "composite safety S (%)", "reasoning accuracy (%)", &points, "one point per run");
+            std::fs::write(out.join("tradeoff.svg"), svg).map_err(|e| EvalError::Io(e.to_string()))?;
+            md += "\n![safety vs reasoning](tradeoff.svg)\n";
+        }
+    }
+    if !curves.is_empty() {
+        let mut panels = String::new();
+        for key in ["loss", "divergence", "refusal_rate"] {
+            let series: Vec<(String, Vec<(f64, f64)>)> = curves
+                .iter()
+                .map(|(n, rows)| (n.clone(), rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect()))
+                .collect();
+            let svg = lines(&format!("{key} per step"), "step", key, &series);
+            let file = format!("training_{key}.svg");
+            std::fs::write(out.join(&file), svg).map_err(|e| EvalError::Io(e.to_string()))?;
+            panels += &format!("![{key}]({file})\n");
+        }
+        md += "\n## Training\n\n";
+        md += &panels;
+    }
+    std::fs::write(out.join("report.md"), &md).map_err(|e| EvalError::Io(e.to_string()))?;
+    Ok(md)
+}
