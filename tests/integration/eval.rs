@@ -287,7 +287,12 @@ fn analyze_kl_reports_by_position_and_token() {
     assert_eq!(r["mean_by_position"].as_array().unwrap().len(), 12);
     assert!(r["mean"].as_f64().unwrap() > 0.0, "the context changes the teacher");
     assert_eq!(r["top_tokens"].as_array().unwrap().len(), 5);
-    for f in ["kl.json", "kl.md", "kl_by_position.svg"] {
+    for f in ["kl.json", "kl.md", "kl_by_position.svg", "responses.jsonl"] {
         assert!(tmp.path().join(f).is_file(), "{f}");
     }
+    // Interrupted after the first response: the rerun completes it to the same figures.
+    let first = std::fs::read_to_string(tmp.path().join("responses.jsonl")).unwrap().lines().next().unwrap().to_string();
+    std::fs::write(tmp.path().join("responses.jsonl"), first + "\n").unwrap();
+    let again = opsa_eval::kl::analyze_kl(&model, &model, &tok, &contexts, &prompts, &Default::default(), &div, &params, tmp.path(), 5).unwrap();
+    assert_eq!(again["mean_by_position"], r["mean_by_position"]);
 }

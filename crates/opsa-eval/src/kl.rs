@@ -4,6 +4,7 @@
 //! tokens, on compliance openers such as "Sure" / "Here").
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
@@ -15,8 +16,8 @@ use serde_json::json;
 use crate::plot::lines;
 use crate::suite::{indicatif_bar, EvalError};
 
-/// Analyse `prompts` (with labels choosing the context). Writes `kl.json`, `kl.md` and
-/// `kl_by_position.svg` to `out`; returns the JSON.
+/// Analyse `prompts` (with labels choosing the context). Writes `responses.jsonl` (resumable),
+/// `kl.json`, `kl.md` and `kl_by_position.svg` to `out`; returns the JSON.
 #[allow(clippy::too_many_arguments)]
 pub fn analyze_kl<B: Backend>(
     student: &CausalLm<B>,
@@ -32,31 +33,56 @@ pub fn analyze_kl<B: Backend>(
 ) -> Result<serde_json::Value, EvalError> {
     let pairs: Vec<Pair> =
         prompts.iter().map(|(p, l)| Pair::render(tok, tok, vars, contexts, p, *l).map_err(EvalError::Suite)).collect::<Result<_, _>>()?;
-    let bar = indicatif_bar(pairs.len() as u64, true);
-    let (mut by_pos, mut by_tok): (Vec<(f64, usize)>, HashMap<u32, (f64, usize)>) = (Vec::new(), HashMap::new());
-    let mut total = (0.0, 0usize);
-    for (k, chunk) in pairs.chunks(8).enumerate() {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.student_prompt.clone()).collect();
-        let index: Vec<u64> = (0..chunk.len()).map(|i| (k * 8 + i) as u64).collect();
-        let gens = generate(student, &ids, &index, params, tok.eos_ids(), Some(tok))?;
-        for (pair, g) in chunk.iter().zip(&gens) {
-            let v = response_divergence(div, student, teacher, pair, &g.token_ids);
-            for (i, (&d, &t)) in v.iter().zip(&g.token_ids).enumerate() {
-                if by_pos.len() <= i {
-                    by_pos.push((0.0, 0));
-                }
-                by_pos[i].0 += d as f64;
-                by_pos[i].1 += 1;
-                let e = by_tok.entry(t).or_insert((0.0, 0));
-                e.0 += d as f64;
-                e.1 += 1;
-                total.0 += d as f64;
-                total.1 += 1;
+    // Per-response results are cached in responses.jsonl, so an interrupted analysis resumes.
+    std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
+    let cache_path = out.join("responses.jsonl");
+    let mut done: HashMap<usize, (Vec<u32>, Vec<f32>)> = HashMap::new();
+    if cache_path.exists() {
+        let text = std::fs::read_to_string(&cache_path).map_err(|e| EvalError::Io(format!("{}: {e}", cache_path.display())))?;
+        for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(l).map_err(|e| EvalError::Io(format!("{}:{}: {e}", cache_path.display(), i + 1)))?;
+            let ids: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap_or_default();
+            let vals: Vec<f32> = serde_json::from_value(v["divergence"].clone()).unwrap_or_default();
+            if let Some(k) = v["index"].as_u64() {
+                done.insert(k as usize, (ids, vals));
             }
-            bar.inc(1);
         }
     }
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&cache_path).map_err(|e| EvalError::Io(e.to_string()))?;
+    let todo: Vec<usize> = (0..pairs.len()).filter(|k| !done.contains_key(k)).collect();
+    let bar = indicatif_bar(pairs.len() as u64, true);
+    bar.inc(done.len() as u64);
+    for chunk in todo.chunks(8) {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|&k| pairs[k].student_prompt.clone()).collect();
+        let index: Vec<u64> = chunk.iter().map(|&k| k as u64).collect();
+        let gens = generate(student, &ids, &index, params, tok.eos_ids(), Some(tok))?;
+        for (&k, g) in chunk.iter().zip(gens) {
+            let v = response_divergence(div, student, teacher, &pairs[k], &g.token_ids);
+            let line = json!({ "index": k, "prompt": prompts[k].0, "response": g.text, "token_ids": g.token_ids, "divergence": v });
+            writeln!(file, "{line}").map_err(|e| EvalError::Io(e.to_string()))?;
+            done.insert(k, (g.token_ids, v));
+            bar.inc(1);
+        }
+        file.flush().map_err(|e| EvalError::Io(e.to_string()))?;
+    }
     bar.finish_and_clear();
+    let (mut by_pos, mut by_tok): (Vec<(f64, usize)>, HashMap<u32, (f64, usize)>) = (Vec::new(), HashMap::new());
+    let mut total = (0.0, 0usize);
+    for k in 0..pairs.len() {
+        let (ids, v) = &done[&k];
+        for (i, (&d, &t)) in v.iter().zip(ids).enumerate() {
+            if by_pos.len() <= i {
+                by_pos.push((0.0, 0));
+            }
+            by_pos[i].0 += d as f64;
+            by_pos[i].1 += 1;
+            let e = by_tok.entry(t).or_insert((0.0, 0));
+            e.0 += d as f64;
+            e.1 += 1;
+            total.0 += d as f64;
+            total.1 += 1;
+        }
+    }
     let mean_by_pos: Vec<f64> = by_pos.iter().map(|(s, n)| s / *n as f64).collect();
     let bucket = |a: usize, b: usize| {
         let (s, n) = by_pos.iter().skip(a).take(b.saturating_sub(a)).fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m));
@@ -79,7 +105,6 @@ pub fn analyze_kl<B: Backend>(
         "mean_by_position": mean_by_pos,
         "top_tokens": token_rows,
     });
-    std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
     let w = |name: &str, body: String| std::fs::write(out.join(name), body).map_err(|e| EvalError::Io(format!("{}: {e}", out.join(name).display())));
     w("kl.json", serde_json::to_string_pretty(&result).expect("serialises"))?;
     let series = vec![("mean divergence".to_string(), mean_by_pos.iter().enumerate().map(|(i, v)| (i as f64, *v)).collect())];
