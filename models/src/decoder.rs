@@ -472,6 +472,20 @@ impl<B: Backend> CausalLm<B> {
         logits.cast(FloatDType::F32)
     }
 
+    /// Logits of the positions that predict the continuation of one unpadded sequence: the
+    /// `ids.len() - prompt_len` tokens after its first `prompt_len` (teacher forcing).
+    ///
+    /// # Shapes
+    /// - returns `[ids.len() - prompt_len, vocab]` (f32)
+    pub fn continuation_logits(&self, ids: &[u32], prompt_len: usize) -> Tensor<B, 2> {
+        let (t, r) = (ids.len(), ids.len() - prompt_len);
+        let device = self.device();
+        let x = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, t]), &device);
+        // Position p - 1 predicts token p.
+        let h = self.forward_hidden(x, &Positions::causal(1, t), None).narrow(1, prompt_len - 1, r);
+        self.logits(h).reshape([r, self.config.vocab_size])
+    }
+
     /// Logits of every position of un-padded sequences (positions `0..t`).
     ///
     /// # Shapes

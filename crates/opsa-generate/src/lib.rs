@@ -367,14 +367,9 @@ pub fn score<B: Backend>(model: &CausalLm<B>, prompt: &[u32], response: &[u32]) 
     if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
         return Err(GenerateError::Input(format!("token id {bad} >= vocab_size {}", cfg.vocab_size)));
     }
-    let device = model.device();
-    let t = ids.len();
-    let x = int_tensor::<B, 2>(ids.iter().map(|&i| i as i64).collect(), [1, t], &device);
-    // Positions prompt_len-1 .. t-2 predict the response tokens: [1, r, vocab].
-    let (p, r) = (prompt.len(), response.len());
-    let hidden = model.forward_hidden(x, &Positions::causal(1, t), None).narrow(1, p - 1, r);
-    let logp = log_softmax(model.logits(hidden), 2);
-    let targets = int_tensor::<B, 3>(response.iter().map(|&i| i as i64).collect(), [1, r, 1], &device);
-    let lp = logp.gather(2, targets);
+    let r = response.len();
+    let logp = log_softmax(model.continuation_logits(&ids, prompt.len()), 1); // [r, vocab]
+    let targets = int_tensor::<B, 2>(response.iter().map(|&i| i as i64).collect(), [r, 1], &model.device());
+    let lp = logp.gather(1, targets);
     Ok(lp.into_data().convert::<f32>().to_vec::<f32>().unwrap())
 }
