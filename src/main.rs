@@ -37,6 +37,12 @@ enum Command {
     Report(ReportArgs),
     /// Per-token teacher–student divergence on the student's own responses: by position and by token.
     AnalyzeKl(KlArgs),
+    /// Run a comparison recipe (configs/compare/): base evaluation, optional flip-rate search,
+    /// every arm trained and evaluated on the same prompts, judge and suite, then the report.
+    Compare(CompareArgs),
+    /// DGR data refinement: the target model rewrites each external example in its own words
+    /// (format and judge checks, fallback to the original); then train with method = "sft".
+    Refine(RefineArgs),
     /// Load a Hugging Face folder and write it back as a new one (e.g. to change the dtype),
     /// with the same writer training checkpoints use.
     Convert(ConvertArgs),
@@ -107,6 +113,58 @@ struct FlipArgs {
     /// Output folder: responses.jsonl (resumable), results.json, table.md, best-context.txt.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// Recipe TOML (see configs/compare/).
+    #[arg(long, value_name = "FILE")]
+    recipe: PathBuf,
+    /// Override a key of every arm's training config, e.g. `--set train.steps=50` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Output folder (default: the recipe's out_dir).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+}
+
+#[derive(Args)]
+struct RefineArgs {
+    /// Hugging Face folder of the target model (the model that will be fine-tuned).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// External examples, JSONL with `prompt` and `response` (optionally `label`, `system`).
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Refined JSONL to write (a summary goes to OUT with extension .summary.json).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Rewrite prompt with {prompt}, {response}, {reasoning}, {answer}
+    /// (default: configs/refine/dgr-rewrite.txt, built in).
+    #[arg(long, value_name = "FILE")]
+    template: Option<PathBuf>,
+    #[command(flatten)]
+    judge: JudgeArgs,
+    /// Longest rewrite.
+    #[arg(long, default_value_t = 1024)]
+    max_new_tokens: usize,
+    /// Sampling temperature of the rewrites (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Chat-template variable KEY=VALUE (repeatable), e.g. enable_thinking=false.
+    #[arg(long = "template-var", value_name = "KEY=VALUE")]
+    template_vars: Vec<String>,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    overwrite: bool,
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
 }
@@ -302,6 +360,8 @@ fn main() -> ExitCode {
         Command::FlipRate(a) => dispatch(a.backend, |r| r.flip_rate(a)),
         Command::Report(a) => report(a),
         Command::AnalyzeKl(a) => dispatch(a.backend, |r| r.analyze_kl(a)),
+        Command::Refine(a) => dispatch(a.backend, |r| r.refine(a)),
+        Command::Compare(a) => dispatch(a.backend, |r| r.compare(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -359,6 +419,8 @@ trait Commands {
     fn eval(&self, a: &EvalArgs) -> Result<()>;
     fn flip_rate(&self, a: &FlipArgs) -> Result<()>;
     fn analyze_kl(&self, a: &KlArgs) -> Result<()>;
+    fn refine(&self, a: &RefineArgs) -> Result<()>;
+    fn compare(&self, a: &CompareArgs) -> Result<()>;
 }
 
 fn report(a: &ReportArgs) -> Result<()> {
@@ -640,12 +702,75 @@ impl<B: Backend> Commands for Runner<B> {
             INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         let control = opsa_train::RunControl { interrupt: Some(&INTERRUPTED), stop_after: None, progress: true };
+        use opsa_train::config::Method;
+        type A<B> = burn::backend::Autodiff<B>;
+        let (resume, d) = (a.resume.is_some(), &self.device);
         let out = match cfg.method {
-            opsa_train::config::Method::Opsa => {
-                opsa_train::train_opsa::<burn::backend::Autodiff<B>>(&cfg, a.resume.is_some(), &control, &self.device)?
-            }
+            Method::Opsa => opsa_train::train_opsa::<A<B>>(&cfg, resume, &control, d)?,
+            Method::Sft => opsa_train::train_sft::<A<B>>(&cfg, resume, &control, d)?,
+            Method::OffpolicySd => opsa_train::train_offpolicy_sd::<A<B>>(&cfg, resume, &control, d)?,
+            Method::ExternalKd => opsa_train::train_external_kd::<A<B>>(&cfg, resume, &control, d)?,
+            Method::Copsd => opsa_train::train_copsd::<A<B>>(&cfg, resume, &control, d)?,
         };
         eprintln!("done: final model in {}", out.display());
+        Ok(())
+    }
+
+    fn compare(&self, a: &CompareArgs) -> Result<()> {
+        let mut recipe = opsa_train::compare::Recipe::load(&a.recipe, &a.set)?;
+        if let Some(o) = &a.out {
+            recipe.out_dir = o.clone();
+        }
+        let _ = ctrlc::set_handler(|| {
+            eprintln!("\ninterrupt: finishing this step, saving a checkpoint, then stopping (run the recipe again to continue)");
+            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let control = opsa_train::RunControl { interrupt: Some(&INTERRUPTED), stop_after: None, progress: true };
+        let md = opsa_train::compare::run_recipe::<burn::backend::Autodiff<B>>(&recipe, &control, &self.device)?;
+        print!("{md}");
+        eprintln!("report written to {}", recipe.out_dir.join("report").display());
+        Ok(())
+    }
+
+    fn refine(&self, a: &RefineArgs) -> Result<()> {
+        use opsa_train::refine::{check_template, read_rows, refine, RefineOptions, DEFAULT_TEMPLATE};
+        let summary_path = a.out.with_extension("summary.json");
+        if a.out.exists() && !a.overwrite {
+            bail!("{}: already exists (pass --overwrite to replace it)", a.out.display());
+        }
+        let template = match &a.template {
+            Some(p) => std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
+            None => DEFAULT_TEMPLATE.to_string(),
+        };
+        check_template(&template, &a.template.as_ref().map_or("built-in template".into(), |p| p.display().to_string()))?;
+        if a.batch_size == 0 || a.max_new_tokens == 0 {
+            bail!("--batch-size and --max-new-tokens must be positive");
+        }
+        let examples = opsa_train::data::read_examples(&a.data)?;
+        let rows = read_rows(&a.data)?;
+        let (model, tok) = open_model::<B>(&a.model, WeightDType::F32, &self.device)?;
+        let mut judge = opsa_eval::judge::from_spec::<B>(&a.judge.judge, a.judge.judge_template.as_deref(), &self.device)?;
+        let opts = RefineOptions {
+            template: &template,
+            params: SamplingParams { temperature: a.temperature, max_new_tokens: a.max_new_tokens, seed: a.seed, ..Default::default() },
+            batch_size: a.batch_size,
+            vars: parse_template_vars(&a.template_vars)?,
+            progress: true,
+        };
+        let (out_rows, summary) = refine(&model, &tok, &examples, &rows, judge.as_mut(), &opts)?;
+        opsa_train::refine::write_refined(&a.out, &out_rows, &summary)?;
+        println!(
+            "refined {} of {} examples (fallback rate {:.1}%); mean per-token NLL under the target model {:.4} -> {:.4}",
+            summary.refined,
+            summary.examples,
+            100.0 * summary.fallback_rate,
+            summary.nll_before,
+            summary.nll_after
+        );
+        for (why, n) in &summary.fallback_reasons {
+            println!("  fallback: {why}: {n}");
+        }
+        eprintln!("wrote {} and {}", a.out.display(), summary_path.display());
         Ok(())
     }
 

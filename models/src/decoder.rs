@@ -420,6 +420,39 @@ impl Positions {
         }
         Positions { batch, len, positions: positions.concat(), mask, keys }
     }
+
+    /// Packed rows: each row holds several documents back to back (`segments[r]` lists their
+    /// lengths, summing to at most `len`; the rest is padding). A token attends only to earlier
+    /// tokens of its own document, and positions restart at 0 with each document, so a packed
+    /// row computes exactly what the documents would compute one per row.
+    pub fn packed(segments: &[Vec<usize>], len: usize) -> Self {
+        let batch = segments.len();
+        let mut positions = Vec::with_capacity(batch * len);
+        let mut mask = Vec::with_capacity(batch * len * len);
+        for segs in segments {
+            // doc[j]: the document of token j (usize::MAX for padding); pos[j]: its position.
+            let mut doc = vec![usize::MAX; len];
+            let mut pos = vec![0usize; len];
+            let mut at = 0;
+            for (d, &n) in segs.iter().enumerate() {
+                for i in 0..n {
+                    doc[at + i] = d;
+                    pos[at + i] = i;
+                }
+                at += n;
+            }
+            assert!(at <= len, "packed documents ({at} tokens) exceed the row length {len}");
+            positions.extend_from_slice(&pos);
+            for q in 0..len {
+                // Padding queries attend to themselves only (their outputs are never used).
+                mask.extend((0..len).map(|k| {
+                    let ok = if doc[q] == usize::MAX { k == q } else { k <= q && doc[k] == doc[q] };
+                    if ok { 0.0 } else { MASK_VALUE }
+                }));
+            }
+        }
+        Positions { batch, len, positions, mask, keys: len }
+    }
 }
 
 impl<B: Backend> CausalLm<B> {

@@ -119,6 +119,11 @@ impl HfTokenizer {
     }
 
     /// Number of token ids the tokenizer can produce (base vocabulary plus added tokens).
+    /// The folder the tokenizer was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

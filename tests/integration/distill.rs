@@ -88,6 +88,41 @@ fn divergences_match_pytorch_f32() {
     check_against_pytorch::<F32>(1e-5);
 }
 
+/// SFT's cross-entropy and COPSD's PPO-clipped objective against the same PyTorch reference.
+#[test]
+fn sft_and_ppo_objectives_match_pytorch() {
+    let f = fixture_json();
+    let shape: Vec<usize> = f["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    let (n, v) = (shape[0] * shape[1], shape[2]);
+    let dev = Default::default();
+    let fl = (&dev, burn::tensor::DType::F32);
+    let mask = floats(&f["mask"]);
+    let y: Vec<i64> = f["sampled"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    let vec1 = |key: &str| Tensor::<F32, 1>::from_data(TensorData::new(floats(&f[key]).iter().map(|&x| x as f32).collect(), [n]), fl);
+    for case in f["objectives"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let s: Vec<f32> = floats(&f["student"]).iter().map(|&x| x as f32).collect();
+        let student = Tensor::<F32, 2>::from_data(TensorData::new(s, [n, v]), fl).require_grad();
+        let tokens = Tensor::<F32, 1, Int>::from_data(TensorData::new(y.clone(), [n]), &dev);
+        let pt = match case["kind"].as_str().unwrap() {
+            "cross_entropy" => opsa_distill::cross_entropy(student.clone(), tokens),
+            "ppo" => opsa_distill::ppo_clip(student.clone(), tokens, vec1("old_logprobs"), vec1("advantages"), case["clip"].as_f64().unwrap()),
+            k => panic!("unknown objective {k}"),
+        };
+        let m = Tensor::<F32, 1>::from_data(TensorData::new(mask.iter().map(|&x| x as f32).collect(), [n]), fl);
+        let valid = mask.iter().filter(|&&x| x > 0.0).count();
+        let loss = token_mean(pt.loss * m.clone(), valid);
+        let grads = loss.backward();
+        let g: Vec<f64> = student.grad(&grads).unwrap().into_data().convert::<f64>().to_vec().unwrap();
+        let values: Vec<f64> = (pt.value * m).into_data().convert::<f64>().to_vec().unwrap();
+        let l = loss.into_data().convert::<f64>().to_vec::<f64>().unwrap()[0];
+        let dv = max_diff(&values, &floats(&case["values"]));
+        let dl = (l - case["loss"].as_f64().unwrap()).abs();
+        let dg = max_diff(&g, &floats(&case["grad"]));
+        assert!(dv < 1e-5 && dl < 1e-5 && dg < 1e-5, "{name}: |Δvalue| {dv:.2e}, |Δloss| {dl:.2e}, |Δgrad| {dg:.2e}");
+    }
+}
+
 fn all_kinds() -> Vec<Divergence> {
     let mut v = Vec::new();
     for kind in [

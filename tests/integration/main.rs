@@ -3,6 +3,7 @@
 
 mod common;
 mod cli;
+mod baselines;
 mod distill;
 mod eval;
 mod parity;

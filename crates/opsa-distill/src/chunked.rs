@@ -21,7 +21,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use opsa_models::CausalLm;
 
-use crate::divergence::{token_mean, Divergence, PerToken};
+use crate::divergence::{cross_entropy, ppo_clip, token_mean, Divergence, PerToken};
 
 /// Which positions are distilled. Entry `i` describes one response token: the flat index
 /// (`row * t + position`) of the student position that predicts it, the teacher position that
@@ -78,28 +78,57 @@ fn flat<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 2> {
     h.reshape([b * t, d])
 }
 
-/// The divergence at `targets[range]`, with the student logits it was computed from.
+/// What is minimised at each target token. All three are token-mean reduced over the whole
+/// optimiser step (see [`token_mean`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Objective<'a> {
+    /// A divergence between the teacher's and the student's next-token distributions (OPSA,
+    /// logit distillation). Needs a teacher.
+    Distill(&'a Divergence),
+    /// Cross-entropy of the target token: `−log q(y_t)` (SFT). No teacher.
+    CrossEntropy,
+    /// PPO-clipped policy gradient on the sampled token (COPSD):
+    /// `−min(ρ A, clip(ρ, 1−ε, 1+ε) A)` with `ρ = exp(log q(y_t) − log q_old(y_t))`.
+    /// `advantages` and `old_logprobs` are given per target, in [`Targets`] order.
+    Ppo { advantages: &'a [f32], old_logprobs: &'a [f32], clip: f64 },
+}
+
+/// The per-token loss at `targets[range]`, with the student logits it was computed from.
+/// `value` is the divergence (Distill), the NLL (CrossEntropy) or the ratio ρ (Ppo).
 fn per_token_range<B: AutodiffBackend>(
-    div: &Divergence,
+    obj: &Objective,
     student: &CausalLm<B>,
     hs: Tensor<B, 2>,
-    teacher: &CausalLm<B::InnerBackend>,
-    ht: Tensor<B::InnerBackend, 2>,
+    teacher: Option<(&CausalLm<B::InnerBackend>, Tensor<B::InnerBackend, 2>)>,
     targets: &Targets,
     range: std::ops::Range<usize>,
 ) -> (PerToken<B>, Tensor<B, 2>) {
+    let device = student.device();
+    let c = range.len();
     let s_logits = head(student, hs, &targets.student_rows[range.clone()]); // [c, vocab]
-    let t_logits = Tensor::<B, 2>::from_inner(head(teacher, ht, &targets.teacher_rows[range.clone()]));
-    let tokens: Vec<usize> = targets.tokens[range].iter().map(|&x| x as usize).collect();
-    let pt = div.per_token(s_logits.clone(), t_logits, index::<B>(&tokens, &student.device()));
+    let tokens: Vec<usize> = targets.tokens[range.clone()].iter().map(|&x| x as usize).collect();
+    let tokens = index::<B>(&tokens, &device);
+    let pt = match obj {
+        Objective::Distill(div) => {
+            let (t_model, ht) = teacher.expect("the distillation objective needs a teacher");
+            let t_logits = Tensor::<B, 2>::from_inner(head(t_model, ht, &targets.teacher_rows[range]));
+            div.per_token(s_logits.clone(), t_logits, tokens)
+        }
+        Objective::CrossEntropy => cross_entropy(s_logits.clone(), tokens),
+        Objective::Ppo { advantages, old_logprobs, clip } => {
+            let host_vec = |v: &[f32]| Tensor::<B, 1>::from_data(TensorData::new(v[range.clone()].to_vec(), [c]), (&device, burn::tensor::DType::F32));
+            ppo_clip(s_logits.clone(), tokens, host_vec(old_logprobs), host_vec(advantages), *clip)
+        }
+    };
     (pt, s_logits)
 }
 
-/// Chunked loss and gradients (see the module docs).
+/// Chunked loss and gradients of a divergence (see the module docs).
 ///
 /// # Shapes
 /// - student_hidden: `[b, t_s, hidden]`, with the autodiff graph of the student trunk
 /// - teacher_hidden: `[b_t, t_t, hidden]`, constant
+#[allow(clippy::too_many_arguments)]
 pub fn backward_chunked<B: AutodiffBackend>(
     div: &Divergence,
     student: &CausalLm<B>,
@@ -110,9 +139,22 @@ pub fn backward_chunked<B: AutodiffBackend>(
     step_tokens: usize,
     chunk: usize,
 ) -> DistillGrads {
+    backward_objective(&Objective::Distill(div), student, student_hidden, Some((teacher, teacher_hidden)), targets, step_tokens, chunk)
+}
+
+/// Chunked loss and gradients of any [`Objective`]; `teacher` is needed by `Distill` only.
+pub fn backward_objective<B: AutodiffBackend>(
+    obj: &Objective,
+    student: &CausalLm<B>,
+    student_hidden: Tensor<B, 3>,
+    teacher: Option<(&CausalLm<B::InnerBackend>, Tensor<B::InnerBackend, 3>)>,
+    targets: &Targets,
+    step_tokens: usize,
+    chunk: usize,
+) -> DistillGrads {
     let device = student.device();
     let hs = flat(student_hidden);
-    let ht = flat(teacher_hidden);
+    let teacher = teacher.map(|(m, h)| (m, flat(h)));
     // 2. A leaf cut at the hidden states: chunks back-propagate into it and into the head only.
     let leaf = hs.clone().detach().require_grad();
     let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
@@ -121,7 +163,8 @@ pub fn backward_chunked<B: AutodiffBackend>(
     let chunk = chunk.max(1);
     for start in (0..targets.len()).step_by(chunk) {
         let end = (start + chunk).min(targets.len());
-        let (pt, s_logits) = per_token_range(div, student, leaf.clone(), teacher, ht.clone(), targets, start..end);
+        let t = teacher.as_ref().map(|(m, h)| (*m, h.clone()));
+        let (pt, s_logits) = per_token_range(obj, student, leaf.clone(), t, targets, start..end);
         // Student entropy at these positions (metrics only).
         let lq = log_softmax(s_logits.inner(), 1);
         let ent = (lq.clone().exp() * lq).sum_dim(1).neg().reshape([end - start]);
@@ -142,6 +185,26 @@ pub fn backward_chunked<B: AutodiffBackend>(
     DistillGrads { grads: acc.grads(), loss, values, entropy }
 }
 
+/// Log-probability of each target token under `model`, and the model's entropy there, without
+/// autodiff, `chunk` positions at a time (COPSD's teacher and old-policy scores).
+///
+/// # Shapes
+/// - hidden: `[b, t, hidden]`; `rows[i]` indexes `b * t` → two vectors of `rows.len()`
+pub fn token_logprobs<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, rows: &[usize], tokens: &[u32], chunk: usize) -> (Vec<f32>, Vec<f32>) {
+    let device = model.device();
+    let h = flat(hidden);
+    let (mut lp, mut ent) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
+    for start in (0..rows.len()).step_by(chunk.max(1)) {
+        let end = (start + chunk.max(1)).min(rows.len());
+        let c = end - start;
+        let l = log_softmax(head(model, h.clone(), &rows[start..end]), 1); // [c, vocab]
+        let y: Vec<usize> = tokens[start..end].iter().map(|&x| x as usize).collect();
+        lp.extend(host(l.clone().gather(1, index::<B>(&y, &device).reshape([c, 1])).reshape([c])));
+        ent.extend(host((l.clone().exp() * l).sum_dim(1).neg().reshape([c])));
+    }
+    (lp, ent)
+}
+
 /// The same loss built in one piece (all targets' logits at once): the reference that
 /// [`backward_chunked`] is tested against, and fine for small vocabularies.
 pub fn loss_unchunked<B: AutodiffBackend>(
@@ -153,6 +216,7 @@ pub fn loss_unchunked<B: AutodiffBackend>(
     targets: &Targets,
     step_tokens: usize,
 ) -> Tensor<B, 1> {
-    let (pt, _) = per_token_range(div, student, flat(student_hidden), teacher, flat(teacher_hidden), targets, 0..targets.len());
+    let obj = Objective::Distill(div);
+    let (pt, _) = per_token_range(&obj, student, flat(student_hidden), Some((teacher, flat(teacher_hidden))), targets, 0..targets.len());
     token_mean(pt.loss, step_tokens)
 }

@@ -175,3 +175,28 @@ fn log_mix<B: Backend>(a: Tensor<B, 2>, beta: f64, b: Tensor<B, 2>) -> Tensor<B,
 pub fn token_mean<B: Backend>(loss: Tensor<B, 1>, step_tokens: usize) -> Tensor<B, 1> {
     loss.sum().div_scalar(step_tokens.max(1) as f64)
 }
+
+/// Cross-entropy of the target tokens (SFT): value and loss `−log q(y)`.
+///
+/// # Shapes
+/// - student: `[n, vocab]` logits (f32, carries the gradient); tokens: `[n]` → `[n]`
+pub fn cross_entropy<B: Backend>(student: Tensor<B, 2>, tokens: Tensor<B, 1, Int>) -> PerToken<B> {
+    let n = student.dims()[0];
+    let lq = log_softmax(student, 1).gather(1, tokens.reshape([n, 1])).reshape([n]);
+    PerToken { value: lq.clone().neg().detach(), loss: lq.neg() }
+}
+
+/// PPO-clipped policy gradient on the sampled tokens (COPSD): with
+/// `ρ = exp(log q(y) − log q_old(y))`, loss `−min(ρ A, clip(ρ, 1−ε, 1+ε) A)`; value `ρ`.
+///
+/// # Shapes
+/// - student: `[n, vocab]` logits; tokens, old_logprobs, advantages: `[n]` → `[n]`
+pub fn ppo_clip<B: Backend>(student: Tensor<B, 2>, tokens: Tensor<B, 1, Int>, old_logprobs: Tensor<B, 1>, advantages: Tensor<B, 1>, clip: f64) -> PerToken<B> {
+    let n = student.dims()[0];
+    let lq = log_softmax(student, 1).gather(1, tokens.reshape([n, 1])).reshape([n]);
+    let ratio = (lq - old_logprobs.detach()).exp();
+    let a = advantages.detach();
+    let unclipped = ratio.clone() * a.clone();
+    let clipped = ratio.clone().clamp(1.0 - clip, 1.0 + clip) * a;
+    PerToken { value: ratio.detach(), loss: unclipped.min_pair(clipped).neg() }
+}

@@ -13,7 +13,7 @@ pub mod chunked;
 pub mod context;
 pub mod divergence;
 
-pub use chunked::{backward_chunked, loss_unchunked, DistillGrads, Targets};
-pub use divergence::{token_mean, Divergence, DivergenceKind, PerToken};
+pub use chunked::{backward_chunked, backward_objective, loss_unchunked, token_logprobs, DistillGrads, Objective, Targets};
+pub use divergence::{cross_entropy, ppo_clip, token_mean, Divergence, DivergenceKind, PerToken};
 pub use context::{Contexts, Label, Pair, Placement};
 pub use analysis::response_divergence;

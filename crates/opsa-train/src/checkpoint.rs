@@ -27,6 +27,11 @@ pub struct TrainState {
     pub prompts_seen: usize,
     pub tokens_trained: usize,
     pub wall_time_s: f64,
+    /// First-step entropy and mean response length: the reference of the collapse warnings.
+    #[serde(default)]
+    pub start_entropy: Option<f64>,
+    #[serde(default)]
+    pub start_response_len: Option<f64>,
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {

@@ -13,8 +13,36 @@ use crate::TrainError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
-    /// On-policy self-distillation for safety alignment.
+    /// On-policy self-distillation for safety alignment (`[data] prompts`, `[context]`).
     Opsa,
+    /// Supervised fine-tuning on (prompt, response) examples (`[data] examples`).
+    Sft,
+    /// Off-policy self-distillation: the model with the context answers once, a judge filters,
+    /// SFT on the kept answers without the context (`[data] prompts`, `[context]`, `[offpolicy]`).
+    OffpolicySd,
+    /// External-teacher distillation: SFT on external examples, or forward-KL logit
+    /// distillation on their tokens when `[kd] teacher` is given (`[data] examples`, `[kd]`).
+    ExternalKd,
+    /// Constitutional on-policy safe distillation (`[data] prompts`, `[copsd]`).
+    Copsd,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Opsa => "opsa",
+            Method::Sft => "sft",
+            Method::OffpolicySd => "offpolicy_sd",
+            Method::ExternalKd => "external_kd",
+            Method::Copsd => "copsd",
+        }
+    }
+    fn needs_prompts(self) -> bool {
+        matches!(self, Method::Opsa | Method::OffpolicySd | Method::Copsd)
+    }
+    fn needs_context(self) -> bool {
+        matches!(self, Method::Opsa | Method::OffpolicySd)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -23,6 +51,7 @@ pub struct TrainConfig {
     pub method: Method,
     pub model: ModelSection,
     pub data: DataSection,
+    #[serde(default)]
     pub context: ContextSection,
     #[serde(default)]
     pub chat: ChatSection,
@@ -34,6 +63,12 @@ pub struct TrainConfig {
     #[serde(default)]
     pub schedule: ScheduleSection,
     pub train: TrainSection,
+    #[serde(default)]
+    pub offpolicy: OffpolicySection,
+    #[serde(default)]
+    pub kd: KdSection,
+    #[serde(default)]
+    pub copsd: CopsdSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,11 +88,22 @@ fn f32_name() -> String {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// JSONL with `prompt` and `label` (`harmful` | `benign`) per line.
-    pub prompts: PathBuf,
-    /// Shuffle the prompts every epoch (seeded by `train.seed`).
+    /// JSONL with `prompt` and `label` (`harmful` | `benign`) per line, optionally `category`
+    /// (opsa, offpolicy_sd, copsd).
+    pub prompts: Option<PathBuf>,
+    /// JSONL with `prompt` and `response` per line, optionally `label` and `system`
+    /// (sft, external_kd). Responses are kept as written, thinking segments included.
+    pub examples: Option<PathBuf>,
+    /// Shuffle every epoch (seeded by `train.seed`).
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// SFT-style methods: pack several examples into one row (each attends only to itself,
+    /// positions restart), instead of padding every example to the longest.
+    #[serde(default)]
+    pub packing: bool,
+    /// Tokens per packed row; 0 = the longest example's length.
+    #[serde(default)]
+    pub pack_len: usize,
 }
 
 fn yes() -> bool {
@@ -67,6 +113,7 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContextSection {
+    // (placement and separator are also how COPSD places its constitution texts.)
     /// c_h, inline ...
     pub harmful: Option<String>,
     /// ... or read from a file (the whole file, trailing newline removed).
@@ -81,6 +128,79 @@ pub struct ContextSection {
     /// Between context and request when placed inside the user turn.
     #[serde(default = "blank_line")]
     pub separator: String,
+}
+
+impl Default for ContextSection {
+    fn default() -> Self {
+        ContextSection { harmful: None, harmful_file: None, benign: None, benign_file: None, placement: Placement::default(), separator: blank_line() }
+    }
+}
+
+/// Off-policy self-distillation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffpolicySection {
+    /// Judge of the generated answers: `refusal`, `model:DIR` or `http:URL` (as `opsa eval`).
+    /// Harmful prompts keep answers the judge finds safe; benign prompts keep answers that
+    /// do not refuse (rule-based detector). Truncated answers are never kept.
+    pub judge: String,
+    /// Prompt template for model:/http: judges.
+    pub judge_template: Option<PathBuf>,
+}
+
+impl Default for OffpolicySection {
+    fn default() -> Self {
+        OffpolicySection { judge: "refusal".into(), judge_template: None }
+    }
+}
+
+/// External-teacher distillation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KdSection {
+    /// Teacher checkpoint with the student's tokenizer: distil its next-token distributions on
+    /// the examples' tokens with `[divergence]` (forward KL for the usual off-policy KD).
+    /// Absent: plain SFT on the examples.
+    pub teacher: Option<PathBuf>,
+}
+
+/// Constitutional OPSD.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CopsdSection {
+    /// TOML file of policy texts, one string per category (`weapons = "..."`). A prompt uses
+    /// its `category` field, else its label (`harmful` / `benign`) as the category.
+    pub constitution: Option<PathBuf>,
+    /// Sampled-token reward r_t = clip(log p_T − log p_S, lo, hi) + bonus.
+    pub reward_clip: [f64; 2],
+    pub bonus: f64,
+    /// PPO ratio clip ε.
+    pub ppo_clip: f64,
+    /// Optimiser updates on each batch of rollouts (1 = strictly on-policy).
+    pub ppo_epochs: usize,
+    /// Cross-SFT cold start of the teacher: epochs (0 = off) and learning rate.
+    pub cold_start_epochs: usize,
+    pub cold_start_lr: f64,
+    /// Warn when entropy or mean response length falls below this share of its first-step value.
+    pub entropy_warn_ratio: f64,
+    pub length_warn_ratio: f64,
+}
+
+impl Default for CopsdSection {
+    /// The COPSD public code's values; cold start off.
+    fn default() -> Self {
+        CopsdSection {
+            constitution: None,
+            reward_clip: [-3.0, 5.0],
+            bonus: 0.02,
+            ppo_clip: 0.2,
+            ppo_epochs: 1,
+            cold_start_epochs: 0,
+            cold_start_lr: 1e-5,
+            entropy_warn_ratio: 0.5,
+            length_warn_ratio: 0.5,
+        }
+    }
 }
 
 fn blank_line() -> String {
@@ -301,10 +421,34 @@ impl TrainConfig {
         }
         self.divergence.divergence()?;
         WeightDType::parse(&self.model.dtype).map_err(|e| TrainError::Config(format!("model.dtype: {e}")))?;
+        let m = self.method.name();
         let c = &self.context;
-        for (what, inline, file) in [("harmful", &c.harmful, &c.harmful_file), ("benign", &c.benign, &c.benign_file)] {
-            if inline.is_some() == file.is_some() {
-                return bad(format!("context: give exactly one of `{what}` and `{what}_file`"));
+        if self.method.needs_context() {
+            for (what, inline, file) in [("harmful", &c.harmful, &c.harmful_file), ("benign", &c.benign, &c.benign_file)] {
+                if inline.is_some() == file.is_some() {
+                    return bad(format!("context: give exactly one of `{what}` and `{what}_file` (method {m})"));
+                }
+            }
+        }
+        if self.method.needs_prompts() && self.data.prompts.is_none() {
+            return bad(format!("method {m} needs data.prompts (a JSONL of prompts with labels)"));
+        }
+        if matches!(self.method, Method::Sft | Method::ExternalKd) && self.data.examples.is_none() {
+            return bad(format!("method {m} needs data.examples (a JSONL of prompt/response pairs)"));
+        }
+        if self.method == Method::Copsd {
+            let p = &self.copsd;
+            if p.constitution.is_none() {
+                return bad("method copsd needs copsd.constitution (a TOML file of per-category policy texts)".into());
+            }
+            if !(p.reward_clip[0] < p.reward_clip[1]) || !p.bonus.is_finite() {
+                return bad(format!("copsd.reward_clip [{}, {}] is empty or copsd.bonus is not finite", p.reward_clip[0], p.reward_clip[1]));
+            }
+            if !(p.ppo_clip > 0.0) || p.ppo_epochs == 0 || !(p.cold_start_lr > 0.0) {
+                return bad("copsd.ppo_clip, copsd.ppo_epochs and copsd.cold_start_lr must be positive".into());
+            }
+            if self.rollout.n < 2 {
+                return bad("method copsd normalises advantages over a prompt's group: rollout.n (G) must be at least 2".into());
             }
         }
         Ok(())

@@ -3,14 +3,21 @@
 //! clipping), [`schedule`], [`checkpoint`].
 
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod data;
+pub mod copsd;
 pub mod opsa;
 pub mod optim;
+pub mod refine;
+pub mod run;
 pub mod schedule;
+pub mod sft;
 
 pub use config::TrainConfig;
+pub use copsd::train_copsd;
 pub use opsa::{train_opsa, RunControl, StepMetrics};
+pub use sft::{train_external_kd, train_offpolicy_sd, train_sft};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -24,6 +31,10 @@ pub enum TrainError {
     Model(#[from] opsa_models::Error),
     #[error(transparent)]
     Generate(#[from] opsa_generate::GenerateError),
+    #[error(transparent)]
+    Eval(#[from] opsa_eval::suite::EvalError),
+    #[error(transparent)]
+    Judge(#[from] opsa_eval::judge::JudgeError),
     #[error("training stopped: {0}")]
     NonFinite(String),
     #[error("interrupted: {0}")]

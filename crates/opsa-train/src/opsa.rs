@@ -1,26 +1,23 @@
 //! The OPSA loop, top to bottom: sample prompts → student rollouts → teacher (with context)
 //! and student score the same tokens → divergence → backward → clip → AdamW → next step.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsAccumulator, Optimizer};
+use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
 use opsa_distill::{backward_chunked, Contexts, Label, Pair, Targets};
 use opsa_eval::refusal::{classify, Verdict};
 use opsa_generate::{generate, Generation, SamplingParams};
 use opsa_models::decoder::Positions;
-use opsa_models::{load_model, save_model, CausalLm, HfTokenizer, LoadOptions};
+use opsa_models::{load_model, CausalLm, HfTokenizer, LoadOptions};
 use serde::Serialize;
 
-use crate::checkpoint::{list_checkpoints, load_optimizer, read_state, save_checkpoint, TrainState};
 use crate::config::TrainConfig;
 use crate::data::{read_prompts, step_batch};
-use crate::optim::{adamw, clip_global_grad_norm};
+use crate::run::{check_fresh, mean, optimizer_step, padded, Next, Run};
 use crate::schedule::{cosine_with_warmup, warmup_steps};
 use crate::TrainError;
 
@@ -63,11 +60,7 @@ pub struct StepMetrics {
     pub wall_time_s: f64,
 }
 
-fn mean(v: &[f64]) -> Option<f64> {
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-}
-
-fn read_context(inline: &Option<String>, file: &Option<PathBuf>) -> Result<String, TrainError> {
+pub(crate) fn read_context(inline: &Option<String>, file: &Option<PathBuf>) -> Result<String, TrainError> {
     match (inline, file) {
         (Some(s), _) => Ok(s.clone()),
         (None, Some(p)) => {
@@ -78,22 +71,13 @@ fn read_context(inline: &Option<String>, file: &Option<PathBuf>) -> Result<Strin
     }
 }
 
-/// Right-padded `[rows, longest]` ids (pad 0; causal attention never looks at later padding).
-fn padded<B: Backend>(seqs: &[Vec<u32>], device: &B::Device) -> (Tensor<B, 2, Int>, usize) {
-    let t = seqs.iter().map(Vec::len).max().unwrap_or(1);
-    let mut ids = Vec::with_capacity(seqs.len() * t);
-    for s in seqs {
-        ids.extend(s.iter().map(|&x| x as i64).chain(std::iter::repeat(0).take(t - s.len())));
-    }
-    (Tensor::from_data(TensorData::new(ids, [seqs.len(), t]), device), t)
-}
-
 /// Train with OPSA. Writes `config.toml`, `metrics.jsonl`, `checkpoints/` and `final/` under
 /// `cfg.train.out_dir`. With `resume`, continues from the newest checkpoint there.
 pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: &RunControl, device: &B::Device) -> Result<PathBuf, TrainError> {
     // ---- 0. Everything that can be wrong is checked before any training work. ----
-    let run = cfg.train.out_dir.clone();
-    let prompts = read_prompts(&cfg.data.prompts)?;
+    check_fresh(cfg, resume)?;
+    let prompts_path = cfg.data.prompts.as_ref().expect("validated");
+    let prompts = read_prompts(prompts_path)?;
     let model_dir = &cfg.model.path;
     let tok = HfTokenizer::from_dir(model_dir)?;
     let vars = cfg.chat_vars();
@@ -111,7 +95,7 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
     let divergence = cfg.divergence.divergence()?;
     let dtype = cfg.dtype();
     // The teacher: the initial weights, frozen, without autodiff.
-    let (teacher, model_config) = load_model::<B::InnerBackend>(model_dir, &LoadOptions { dtype }, device)?;
+    let (teacher, _) = load_model::<B::InnerBackend>(model_dir, &LoadOptions { dtype }, device)?;
     tok.check_vocab(teacher.config.vocab_size)?;
     let pairs: Vec<Pair> = prompts
         .iter()
@@ -121,7 +105,7 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
     if let Some((i, p)) = pairs.iter().enumerate().find(|(_, p)| p.teacher_prompt.len() + cfg.rollout.max_new_tokens > max_pos) {
         return Err(TrainError::Data(format!(
             "{}: prompt {} with its context ({} tokens) plus rollout.max_new_tokens ({}) exceeds max_position_embeddings ({max_pos})",
-            cfg.data.prompts.display(),
+            prompts_path.display(),
             i + 1,
             p.teacher_prompt.len(),
             cfg.rollout.max_new_tokens
@@ -132,26 +116,7 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
     let warmup = warmup_steps(total, cfg.schedule.warmup_ratio);
 
     // ---- Student, optimiser and state: fresh, or from the newest checkpoint. ----
-    let mut optim = adamw(&cfg.optim).init::<B, CausalLm<B>>();
-    let (mut student, mut state) = if resume {
-        let (_, ckpt) = list_checkpoints(&run)
-            .pop()
-            .ok_or_else(|| TrainError::Io(format!("{}: no checkpoint to resume from", run.display())))?;
-        let state = read_state(&ckpt)?;
-        let (student, _) = load_model::<B>(&ckpt.join("model"), &LoadOptions { dtype }, device)?;
-        optim = load_optimizer(&ckpt, optim, device)?;
-        tracing::info!("resuming {} at step {}", run.display(), state.step);
-        (student, state)
-    } else {
-        if run.join("metrics.jsonl").exists() || run.join("checkpoints").exists() {
-            return Err(TrainError::Io(format!(
-                "{}: already holds a run (use --resume to continue it, or another train.out_dir)",
-                run.display()
-            )));
-        }
-        let (student, _) = load_model::<B>(model_dir, &LoadOptions { dtype }, device)?;
-        (student, TrainState { total_steps: total, seed: cfg.train.seed, ..Default::default() })
-    };
+    let (mut run, mut student, mut optim) = Run::open::<B>(cfg, resume, total, control, device)?;
     if student.config.vocab_size != teacher.config.vocab_size {
         return Err(TrainError::Config(format!(
             "student vocab_size {} differs from the teacher's {} ({}): the divergence needs one vocabulary",
@@ -160,23 +125,6 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
             model_dir.display()
         )));
     }
-    std::fs::create_dir_all(&run).map_err(|e| TrainError::Io(format!("{}: {e}", run.display())))?;
-    std::fs::write(run.join("config.toml"), cfg.to_toml()).map_err(|e| TrainError::Io(format!("{}: {e}", run.display())))?;
-    let metrics_path = run.join("metrics.jsonl");
-    truncate_metrics(&metrics_path, state.step)?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| TrainError::Io(format!("{}: {e}", metrics_path.display())))?;
-
-    let bar = indicatif::ProgressBar::new(total as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}").expect("template"),
-    );
-    if !control.progress {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_position(state.step as u64);
     let sampling = |step: usize| SamplingParams {
         temperature: cfg.rollout.temperature,
         top_k: cfg.rollout.top_k,
@@ -185,9 +133,8 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
         seed: cfg.train.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         stop_strings: vec![],
     };
-    let run_start = Instant::now() - std::time::Duration::from_secs_f64(state.wall_time_s);
 
-    for step in state.step..total {
+    for step in run.state.step..total {
         let t0 = Instant::now();
         // ---- 1. This step's prompts, each `rollout.n` times. ----
         let jobs: Vec<usize> = step_batch(n, batch, step, cfg.train.seed, cfg.data.shuffle)
@@ -249,21 +196,12 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
             entropy.extend(out.entropy.iter().map(|&v| v as f64));
             acc.accumulate(&student, out.grads);
         }
-        let mut grads = acc.grads();
-
-        // ---- 4. A NaN or infinite loss stops the run; the last checkpoint stays intact. ----
-        if !loss.is_finite() {
-            return Err(TrainError::NonFinite(format!("loss is {loss} at step {}; the last checkpoint in {} is intact", step + 1, run.display())));
-        }
-        // ---- 5. Global gradient-norm clip, schedule, AdamW. ----
-        let grad_norm = clip_global_grad_norm::<B, _>(&student, &mut grads, cfg.optim.grad_clip);
-        if !grad_norm.is_finite() {
-            return Err(TrainError::NonFinite(format!("gradient norm is {grad_norm} at step {}", step + 1)));
-        }
+        // ---- 4. Non-finite guard, global gradient-norm clip, schedule, AdamW. ----
         let lr = cosine_with_warmup(step, total, cfg.optim.lr, warmup, cfg.schedule.min_lr_ratio);
-        student = optim.step(lr, student, grads);
+        let grad_norm;
+        (student, grad_norm) = optimizer_step(student, &mut optim, acc.grads(), loss, lr, cfg.optim.grad_clip, step, &run.dir)?;
 
-        // ---- 6. Metrics. ----
+        // ---- 5. Metrics. ----
         let step_time = t0.elapsed().as_secs_f64();
         let verdicts: Vec<(Label, Verdict)> = jobs.iter().zip(&rollouts).map(|(&i, g)| (prompts[i].label, classify(&g.text))).collect();
         let rate = |want: Option<Label>| {
@@ -292,44 +230,18 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
             rollout_tokens_per_s: step_tokens as f64 / t_rollout.max(1e-9),
             train_tokens_per_s: step_tokens as f64 / (step_time - t_rollout).max(1e-9),
             step_time_s: step_time,
-            wall_time_s: run_start.elapsed().as_secs_f64(),
+            wall_time_s: run.wall_time(),
         };
-        writeln!(metrics, "{}", serde_json::to_string(&m).expect("metrics serialise")).map_err(|e| TrainError::Io(e.to_string()))?;
-        metrics.flush().map_err(|e| TrainError::Io(e.to_string()))?;
-        tracing::info!(step = m.step, loss = m.loss, lr = m.lr, grad_norm = m.grad_norm, "step");
-        bar.set_message(format!("loss {:.4} div {:.4}", m.loss, m.divergence));
-        bar.inc(1);
+        let msg = format!("loss {:.4} div {:.4}", m.loss, m.divergence);
+        run.log(&m, msg)?;
 
-        // ---- 7. Checkpoints, interruption. ----
-        state.step = step + 1;
-        state.prompts_seen = state.step * batch;
-        state.tokens_trained += step_tokens;
-        state.wall_time_s = m.wall_time_s;
-        let interrupted = control.interrupt.is_some_and(|f| f.load(Ordering::SeqCst));
-        let stop_here = control.stop_after == Some(state.step);
-        let periodic = cfg.train.save_every > 0 && state.step % cfg.train.save_every == 0;
-        if periodic || interrupted || stop_here || state.step == total {
-            save_checkpoint(&run, &state, &student, &model_config, model_dir, dtype, &optim, cfg.train.keep_checkpoints)?;
-        }
-        if interrupted {
-            bar.abandon();
-            return Err(TrainError::Interrupted(format!(
-                "stopped after step {}; checkpoint saved; continue with --resume {}",
-                state.step,
-                run.display()
-            )));
-        }
-        if stop_here {
-            bar.abandon();
-            return Ok(run);
+        // ---- 6. Checkpoints, interruption. ----
+        if run.end_step(step_tokens, &student, &optim, control)? == Next::Stop {
+            return Ok(run.dir);
         }
     }
-    bar.finish();
-
     // ---- The final model, as a Hugging Face folder. ----
-    let final_dir = run.join("final");
-    save_model(&student.valid(), &model_config, Some(model_dir), &final_dir, dtype, true)?;
-    Ok(final_dir)
+    run.finish(&student)
 }
 
 /// Mean per-token divergence between `teacher` (with context) and `student` on the student's
@@ -354,18 +266,3 @@ pub fn mean_divergence<B: Backend>(
     Ok(total / count.max(1) as f64)
 }
 
-/// On resume, drop metric lines of steps after the checkpoint (they will be redone).
-fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s as usize <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(path, kept).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
-}

@@ -1,0 +1,387 @@
+//! COPSD, constitutional on-policy safe distillation, top to bottom:
+//!
+//! 0. (optional) Cross-SFT cold start: a copy of the model, with the constitution in context,
+//!    is fine-tuned on the model's own answers to benign prompts (no constitution) and on its
+//!    constitution-guided answers to harmful prompts; it becomes the frozen teacher;
+//! 1. per step, `train.batch_size` prompts, G = `rollout.n` student rollouts each;
+//! 2. teacher (constitution of the prompt's category in context) and student score the sampled
+//!    tokens: r_t = clip(log p_T(y_t) − log p_S(y_t), lo, hi) + bonus;
+//! 3. advantages normalised over all valid tokens of a prompt's G rollouts,
+//!    A = (r − mean) / (std + 1e-6) (population std);
+//! 4. PPO-clipped policy gradient, token mean over the step, `copsd.ppo_epochs` updates;
+//! 5. entropy and mean response length logged every step, with a warning when either falls
+//!    below `copsd.*_warn_ratio` of its first-step value (the collapse signals).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::GradientsAccumulator;
+use burn::tensor::backend::AutodiffBackend;
+use opsa_distill::{backward_objective, token_logprobs, Contexts, Label, Objective, Pair, Targets};
+use opsa_eval::refusal::{classify, Verdict};
+use opsa_generate::{generate, FinishReason, Generation, SamplingParams};
+use opsa_models::decoder::Positions;
+use opsa_models::{load_model, save_model, CausalLm, HfTokenizer, LoadOptions};
+use serde::Serialize;
+
+use crate::config::TrainConfig;
+use crate::data::{end_of_turn, read_prompts, step_batch, Constitution};
+use crate::optim::adamw;
+use crate::opsa::RunControl;
+use crate::run::{check_fresh, mean, optimizer_step, padded, Next, Run};
+use crate::schedule::{cosine_with_warmup, warmup_steps};
+use crate::TrainError;
+
+/// One line of `metrics.jsonl` for COPSD.
+#[derive(Debug, Clone, Serialize)]
+pub struct CopsdMetrics {
+    pub step: usize,
+    /// The PPO loss of the step's first update.
+    pub loss: f64,
+    /// Mean clipped reward with bonus, and mean raw log-ratio log p_T − log p_S.
+    pub reward: f64,
+    pub log_ratio: f64,
+    /// Share of tokens whose reward hit the lower / upper clip.
+    pub reward_clipped_low: f64,
+    pub reward_clipped_high: f64,
+    /// Share of tokens whose ratio left [1−ε, 1+ε] in the last update (0 when ppo_epochs = 1).
+    pub ratio_clipped: f64,
+    /// The collapse signals: student entropy (nats) at response positions, mean response length.
+    pub entropy: f64,
+    pub response_len: f64,
+    pub refusal_rate_harmful: Option<f64>,
+    pub refusal_rate_benign: Option<f64>,
+    pub truncated_rate: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub collapse_warning: Option<String>,
+    pub rollout_tokens_per_s: f64,
+    pub step_time_s: f64,
+    pub wall_time_s: f64,
+}
+
+/// r_t = clip(log p_T − log p_S, lo, hi) + bonus, per token.
+pub fn token_rewards(teacher_lp: &[f32], student_lp: &[f32], clip: [f64; 2], bonus: f64) -> Vec<f32> {
+    teacher_lp.iter().zip(student_lp).map(|(&t, &s)| ((t - s) as f64).clamp(clip[0], clip[1]) as f32 + bonus as f32).collect()
+}
+
+/// Advantages normalised over all tokens of each group: `rewards[k]` are rollout k's per-token
+/// rewards and `group[k]` its group (its prompt). A = (r − mean_g) / (std_g + 1e-6), with the
+/// population standard deviation over the group's tokens.
+pub fn group_advantages(rewards: &[Vec<f32>], group: &[usize]) -> Vec<Vec<f32>> {
+    let groups = group.iter().copied().max().map_or(0, |g| g + 1);
+    let (mut sum, mut sq, mut count) = (vec![0f64; groups], vec![0f64; groups], vec![0usize; groups]);
+    for (r, &g) in rewards.iter().zip(group) {
+        for &x in r {
+            sum[g] += x as f64;
+            sq[g] += (x as f64) * (x as f64);
+            count[g] += 1;
+        }
+    }
+    rewards
+        .iter()
+        .zip(group)
+        .map(|(r, &g)| {
+            let n = count[g].max(1) as f64;
+            let m = sum[g] / n;
+            let std = (sq[g] / n - m * m).max(0.0).sqrt();
+            r.iter().map(|&x| ((x as f64 - m) / (std + 1e-6)) as f32).collect()
+        })
+        .collect()
+}
+
+/// Train with COPSD. Output layout as for every method; with a cold start, also `teacher/`
+/// (the cold-started teacher, a Hugging Face folder reused on resume) and
+/// `teacher-cold-start.jsonl`.
+pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: &RunControl, device: &B::Device) -> Result<PathBuf, TrainError> {
+    // ---- 0. Everything that can be wrong is checked before any training work. ----
+    check_fresh(cfg, resume)?;
+    let prompts_path = cfg.data.prompts.as_ref().expect("validated");
+    let prompts = read_prompts(prompts_path)?;
+    let constitution = Constitution::read(cfg.copsd.constitution.as_ref().expect("validated"))?;
+    constitution.check(&prompts, prompts_path)?;
+    let model_dir = &cfg.model.path;
+    let tok = HfTokenizer::from_dir(model_dir)?;
+    let vars = cfg.chat_vars();
+    let pairs: Vec<Pair> = prompts
+        .iter()
+        .map(|p| {
+            let text = constitution.text(p.category()).to_string();
+            let ctx = Contexts { harmful: text.clone(), benign: text, placement: cfg.context.placement, separator: cfg.context.separator.clone() };
+            Pair::render(&tok, &tok, &vars, &ctx, &p.prompt, p.label).map_err(TrainError::Config)
+        })
+        .collect::<Result<_, _>>()?;
+    let dtype = cfg.dtype();
+    let (initial, model_config) = load_model::<B::InnerBackend>(model_dir, &LoadOptions { dtype }, device)?;
+    tok.check_vocab(initial.config.vocab_size)?;
+    let max_pos = initial.config.max_position_embeddings;
+    if let Some((i, p)) = pairs.iter().enumerate().find(|(_, p)| p.teacher_prompt.len() + cfg.rollout.max_new_tokens > max_pos) {
+        return Err(TrainError::Data(format!(
+            "{}: prompt {} with its constitution text ({} tokens) plus rollout.max_new_tokens ({}) exceeds max_position_embeddings ({max_pos})",
+            prompts_path.display(),
+            i + 1,
+            p.teacher_prompt.len(),
+            cfg.rollout.max_new_tokens
+        )));
+    }
+    let sampling = |seed: u64| SamplingParams {
+        temperature: cfg.rollout.temperature,
+        top_k: cfg.rollout.top_k,
+        top_p: cfg.rollout.top_p,
+        max_new_tokens: cfg.rollout.max_new_tokens,
+        seed,
+        stop_strings: vec![],
+    };
+    let rollouts_of = |model: &CausalLm<B::InnerBackend>, prompts_ids: Vec<Vec<u32>>, seed: u64| -> Result<Vec<Generation>, TrainError> {
+        let mut out = Vec::with_capacity(prompts_ids.len());
+        for (c, chunk) in prompts_ids.chunks(cfg.rollout.batch_size).enumerate() {
+            let index: Vec<u64> = (0..chunk.len()).map(|k| (c * cfg.rollout.batch_size + k) as u64).collect();
+            out.extend(generate(model, chunk, &index, &sampling(seed), tok.eos_ids(), Some(&tok))?);
+        }
+        Ok(out)
+    };
+
+    // ---- 0b. The teacher: the initial weights, or their Cross-SFT cold start. ----
+    let teacher_dir = cfg.train.out_dir.join("teacher");
+    let teacher = if cfg.copsd.cold_start_epochs == 0 {
+        initial
+    } else if resume && teacher_dir.join("config.json").exists() {
+        load_model::<B::InnerBackend>(&teacher_dir, &LoadOptions { dtype }, device)?.0
+    } else {
+        let eot = end_of_turn(&tok, &vars)?;
+        // Benign: the model's own answers without the constitution; harmful: its answers with it.
+        let own = rollouts_of(&initial, pairs.iter().map(|p| p.student_prompt.clone()).collect(), cfg.train.seed ^ 0xC01D)?;
+        let guided = rollouts_of(&initial, pairs.iter().map(|p| p.teacher_prompt.clone()).collect(), cfg.train.seed ^ 0xC01E)?;
+        let mut data: Vec<(Vec<u32>, Vec<u32>)> = vec![];
+        for (i, p) in prompts.iter().enumerate() {
+            let g = if p.label == Label::Benign { &own[i] } else { &guided[i] };
+            if g.finish_reason == FinishReason::Stop && classify(&g.text) != Verdict::Truncated {
+                let mut resp = g.token_ids.clone();
+                if resp.last().is_some_and(|t| tok.eos_ids().contains(t)) {
+                    resp.pop();
+                }
+                resp.extend_from_slice(&eot);
+                data.push((pairs[i].teacher_prompt.clone(), resp));
+            }
+        }
+        if data.is_empty() {
+            return Err(TrainError::Data("COPSD cold start: every answer was truncated; raise rollout.max_new_tokens".into()));
+        }
+        drop(initial);
+        let trained = cold_start::<B>(cfg, &data, control, device)?;
+        save_model(&trained, &model_config, Some(model_dir), &teacher_dir, dtype, true)?;
+        trained
+    };
+
+    let (n, batch, g) = (prompts.len(), cfg.train.batch_size, cfg.rollout.n);
+    let total = cfg.train.steps.unwrap_or(cfg.train.epochs * n.div_ceil(batch));
+    let warmup = warmup_steps(total, cfg.schedule.warmup_ratio);
+    let (mut run, mut student, mut optim) = Run::open::<B>(cfg, resume, total, control, device)?;
+    if student.config.vocab_size != teacher.config.vocab_size {
+        return Err(TrainError::Config("student and teacher vocabularies differ".into()));
+    }
+    let chunk = cfg.divergence.chunk_size;
+
+    for step in run.state.step..total {
+        let t0 = Instant::now();
+        // ---- 1. This step's prompts, G rollouts each; rollout k belongs to group k / G. ----
+        let batch_prompts = step_batch(n, batch, step, cfg.train.seed, cfg.data.shuffle);
+        let jobs: Vec<usize> = batch_prompts.iter().flat_map(|&i| std::iter::repeat(i).take(g)).collect();
+        let group: Vec<usize> = (0..jobs.len()).map(|k| k / g).collect();
+        let policy = student.valid();
+        let seed = cfg.train.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let rollouts = rollouts_of(&policy, jobs.iter().map(|&i| pairs[i].student_prompt.clone()).collect(), seed)?;
+        let t_rollout = t0.elapsed().as_secs_f64();
+        let step_tokens: usize = rollouts.iter().map(|r| r.token_ids.len()).sum();
+
+        // ---- 2. Sampled-token rewards from the teacher's and the (old) student's scores. ----
+        let (mut rewards, mut old_lp, mut entropy, mut log_ratio) = (vec![], vec![], vec![], vec![]);
+        let ks: Vec<usize> = (0..jobs.len()).collect();
+        for mb in ks.chunks(cfg.train.micro_batch_size) {
+            let (s_seqs, t_seqs, s_t, t_t) = streams(&pairs, &jobs, &rollouts, mb);
+            let targets = targets_of(&pairs, &jobs, &rollouts, mb, s_t, t_t);
+            let (s_ids, _) = padded::<B::InnerBackend>(&s_seqs, device);
+            let (t_ids, _) = padded::<B::InnerBackend>(&t_seqs, device);
+            let hs = policy.forward_hidden(s_ids, &Positions::causal(mb.len(), s_t), None);
+            let ht = teacher.forward_hidden(t_ids, &Positions::causal(mb.len(), t_t), None);
+            let (lp_s, ent) = token_logprobs(&policy, hs, &targets.student_rows, &targets.tokens, chunk);
+            let (lp_t, _) = token_logprobs(&teacher, ht, &targets.teacher_rows, &targets.tokens, chunk);
+            let r = token_rewards(&lp_t, &lp_s, cfg.copsd.reward_clip, cfg.copsd.bonus);
+            log_ratio.extend(lp_t.iter().zip(&lp_s).map(|(t, s)| (t - s) as f64));
+            entropy.extend(ent.iter().map(|&x| x as f64));
+            let mut at = 0;
+            for &k in mb {
+                let len = rollouts[k].token_ids.len();
+                rewards.push(r[at..at + len].to_vec());
+                old_lp.push(lp_s[at..at + len].to_vec());
+                at += len;
+            }
+        }
+        drop(policy);
+        // ---- 3. Advantages, normalised within each prompt's group. ----
+        let advantages = group_advantages(&rewards, &group);
+
+        // ---- 4. PPO-clipped policy gradient, `ppo_epochs` updates on these rollouts. ----
+        let lr = cosine_with_warmup(step, total, cfg.optim.lr, warmup, cfg.schedule.min_lr_ratio);
+        let (mut first_loss, mut grad_norm, mut ratio_clipped) = (None, 0.0, 0.0);
+        for _ in 0..cfg.copsd.ppo_epochs {
+            let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
+            let (mut loss, mut ratios) = (0.0, vec![]);
+            for mb in ks.chunks(cfg.train.micro_batch_size) {
+                let (s_seqs, _, s_t, t_t) = streams(&pairs, &jobs, &rollouts, mb);
+                let targets = targets_of(&pairs, &jobs, &rollouts, mb, s_t, t_t);
+                let adv: Vec<f32> = mb.iter().flat_map(|&k| advantages[k].iter().copied()).collect();
+                let old: Vec<f32> = mb.iter().flat_map(|&k| old_lp[k].iter().copied()).collect();
+                let (s_ids, _) = padded::<B>(&s_seqs, device);
+                let hs = student.forward_hidden(s_ids, &Positions::causal(mb.len(), s_t), None);
+                let obj = Objective::Ppo { advantages: &adv, old_logprobs: &old, clip: cfg.copsd.ppo_clip };
+                let out = backward_objective(&obj, &student, hs, None, &targets, step_tokens, chunk);
+                loss += out.loss;
+                ratios.extend(out.values);
+                acc.accumulate(&student, out.grads);
+            }
+            (student, grad_norm) = optimizer_step(student, &mut optim, acc.grads(), loss, lr, cfg.optim.grad_clip, step, &run.dir)?;
+            first_loss.get_or_insert(loss);
+            let eps = cfg.copsd.ppo_clip as f32;
+            ratio_clipped = ratios.iter().filter(|&&r| (r - 1.0).abs() > eps).count() as f64 / ratios.len().max(1) as f64;
+        }
+
+        // ---- 5. Metrics and the collapse signals. ----
+        let ent = mean(&entropy).unwrap_or(0.0);
+        let len = step_tokens as f64 / rollouts.len() as f64;
+        let start_ent = *run.state.start_entropy.get_or_insert(ent);
+        let start_len = *run.state.start_response_len.get_or_insert(len);
+        let mut warnings = vec![];
+        if ent < cfg.copsd.entropy_warn_ratio * start_ent {
+            warnings.push(format!("entropy {ent:.3} fell below {} × its start value {start_ent:.3}", cfg.copsd.entropy_warn_ratio));
+        }
+        if len < cfg.copsd.length_warn_ratio * start_len {
+            warnings.push(format!("mean response length {len:.1} fell below {} × its start value {start_len:.1}", cfg.copsd.length_warn_ratio));
+        }
+        let collapse_warning = (!warnings.is_empty()).then(|| format!("possible collapse at step {}: {}", step + 1, warnings.join("; ")));
+        if let Some(w) = &collapse_warning {
+            run.warn(w);
+        }
+        let all_r: Vec<f64> = rewards.iter().flatten().map(|&x| x as f64).collect();
+        let lo = cfg.copsd.reward_clip[0];
+        let hi = cfg.copsd.reward_clip[1];
+        let share = |f: &dyn Fn(f64) -> bool| log_ratio.iter().filter(|&&x| f(x)).count() as f64 / log_ratio.len().max(1) as f64;
+        let rate = |l: Label| {
+            let v: Vec<f64> = jobs
+                .iter()
+                .zip(&rollouts)
+                .filter(|(&i, _)| prompts[i].label == l)
+                .map(|(_, r)| (classify(&r.text) == Verdict::Refusal) as u8 as f64)
+                .collect();
+            mean(&v)
+        };
+        let step_time = t0.elapsed().as_secs_f64();
+        let m = CopsdMetrics {
+            step: step + 1,
+            loss: first_loss.unwrap_or(0.0),
+            reward: mean(&all_r).unwrap_or(0.0),
+            log_ratio: mean(&log_ratio).unwrap_or(0.0),
+            reward_clipped_low: share(&|x| x < lo),
+            reward_clipped_high: share(&|x| x > hi),
+            ratio_clipped,
+            entropy: ent,
+            response_len: len,
+            refusal_rate_harmful: rate(Label::Harmful),
+            refusal_rate_benign: rate(Label::Benign),
+            truncated_rate: rollouts.iter().filter(|r| classify(&r.text) == Verdict::Truncated).count() as f64 / rollouts.len() as f64,
+            lr,
+            grad_norm,
+            collapse_warning,
+            rollout_tokens_per_s: step_tokens as f64 / t_rollout.max(1e-9),
+            step_time_s: step_time,
+            wall_time_s: run.wall_time(),
+        };
+        let msg = format!("reward {:.3} entropy {:.3} len {:.1}", m.reward, m.entropy, m.response_len);
+        run.log(&m, msg)?;
+        if run.end_step(step_tokens, &student, &optim, control)? == Next::Stop {
+            return Ok(run.dir);
+        }
+    }
+    run.finish(&student)
+}
+
+/// Student and teacher sequences of micro-batch `mb`, with their padded lengths.
+fn streams(pairs: &[Pair], jobs: &[usize], rollouts: &[Generation], mb: &[usize]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>, usize, usize) {
+    let (mut s, mut t) = (vec![], vec![]);
+    for &k in mb {
+        let (a, b) = pairs[jobs[k]].join(&rollouts[k].token_ids);
+        s.push(a);
+        t.push(b);
+    }
+    let ts = s.iter().map(Vec::len).max().unwrap_or(1);
+    let tt = t.iter().map(Vec::len).max().unwrap_or(1);
+    (s, t, ts, tt)
+}
+
+/// Response-token targets of micro-batch `mb`: position p−1 predicts token p.
+fn targets_of(pairs: &[Pair], jobs: &[usize], rollouts: &[Generation], mb: &[usize], ts: usize, tt: usize) -> Targets {
+    let mut targets = Targets::default();
+    for (r, &k) in mb.iter().enumerate() {
+        let p = &pairs[jobs[k]];
+        for (i, &y) in rollouts[k].token_ids.iter().enumerate() {
+            targets.student_rows.push(r * ts + p.student_prompt.len() + i - 1);
+            targets.teacher_rows.push(r * tt + p.teacher_prompt.len() + i - 1);
+            targets.tokens.push(y);
+        }
+    }
+    targets
+}
+
+/// Cross-SFT cold start: prompt-masked cross-entropy on `(teacher prompt, response)` pairs for
+/// `copsd.cold_start_epochs` epochs at a constant `copsd.cold_start_lr`. Logs to
+/// `teacher-cold-start.jsonl`. Returns the trained model, frozen.
+fn cold_start<B: AutodiffBackend>(
+    cfg: &TrainConfig,
+    data: &[(Vec<u32>, Vec<u32>)],
+    control: &RunControl,
+    device: &B::Device,
+) -> Result<CausalLm<B::InnerBackend>, TrainError> {
+    let (mut model, _) = load_model::<B>(&cfg.model.path, &LoadOptions { dtype: cfg.dtype() }, device)?;
+    let mut optim = adamw(&cfg.optim).init::<B, CausalLm<B>>();
+    let (n, batch) = (data.len(), cfg.train.batch_size);
+    let steps = cfg.copsd.cold_start_epochs * n.div_ceil(batch);
+    std::fs::create_dir_all(&cfg.train.out_dir).map_err(|e| TrainError::Io(format!("{}: {e}", cfg.train.out_dir.display())))?;
+    let log_path = cfg.train.out_dir.join("teacher-cold-start.jsonl");
+    let mut log = String::new();
+    let bar = indicatif::ProgressBar::new(steps as u64)
+        .with_style(indicatif::ProgressStyle::with_template("teacher cold start {bar:30} {pos}/{len} {msg}").expect("template"));
+    if !control.progress {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    for step in 0..steps {
+        let idx = step_batch(n, batch, step, cfg.train.seed, cfg.data.shuffle);
+        let step_tokens: usize = idx.iter().map(|&i| data[i].1.len()).sum();
+        let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
+        let mut loss = 0.0;
+        for mb in idx.chunks(cfg.train.micro_batch_size) {
+            let seqs: Vec<Vec<u32>> = mb.iter().map(|&i| data[i].0.iter().chain(&data[i].1).copied().collect()).collect();
+            let (ids, t) = padded::<B>(&seqs, device);
+            let mut targets = Targets::default();
+            for (r, &i) in mb.iter().enumerate() {
+                for (j, &y) in data[i].1.iter().enumerate() {
+                    targets.student_rows.push(r * t + data[i].0.len() + j - 1);
+                    targets.tokens.push(y);
+                }
+            }
+            let hs = model.forward_hidden(ids, &Positions::causal(mb.len(), t), None);
+            let out = backward_objective(&Objective::CrossEntropy, &model, hs, None, &targets, step_tokens, cfg.divergence.chunk_size);
+            loss += out.loss;
+            acc.accumulate(&model, out.grads);
+        }
+        let grad_norm;
+        (model, grad_norm) = optimizer_step(model, &mut optim, acc.grads(), loss, cfg.copsd.cold_start_lr, cfg.optim.grad_clip, step, &cfg.train.out_dir)
+            .map_err(|e| TrainError::NonFinite(format!("teacher cold start: {e}")))?;
+        log.push_str(&format!("{}\n", serde_json::json!({ "step": step + 1, "loss": loss, "grad_norm": grad_norm })));
+        bar.set_message(format!("loss {loss:.4}"));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    std::fs::write(&log_path, log).map_err(|e| TrainError::Io(format!("{}: {e}", log_path.display())))?;
+    Ok(model.valid())
+}

@@ -1,0 +1,248 @@
+//! What every training method shares around its loop: the run folder (`config.toml`,
+//! `metrics.jsonl`, `checkpoints/`, `final/`), fresh start or resume, the progress bar,
+//! checkpointing and Ctrl-C at step boundaries, and the final Hugging Face export. The loops
+//! themselves stay in one straight-line function per method.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::AdamW;
+use burn::tensor::backend::AutodiffBackend;
+use opsa_models::{load_model, save_model, CausalLm, LoadOptions, ModelConfig, WeightDType};
+use serde::Serialize;
+
+use crate::checkpoint::{list_checkpoints, load_optimizer, read_state, save_checkpoint, TrainState};
+use crate::config::TrainConfig;
+use crate::optim::adamw;
+use crate::opsa::RunControl;
+use crate::TrainError;
+
+/// The optimiser every method uses.
+pub type Optim<B> = OptimizerAdaptor<AdamW, CausalLm<B>, B>;
+
+/// What the loop does after a step.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    /// `RunControl::stop_after` reached: a checkpoint was saved; return without a final export.
+    Stop,
+}
+
+pub struct Run {
+    pub dir: PathBuf,
+    pub state: TrainState,
+    pub total: usize,
+    model_dir: PathBuf,
+    model_config: ModelConfig,
+    dtype: WeightDType,
+    keep: usize,
+    save_every: usize,
+    batch: usize,
+    metrics: File,
+    bar: indicatif::ProgressBar,
+    start: Instant,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io(format!("{}: {e}", path.display()))
+}
+
+/// A fresh run must not land on an old one (nothing the user had is overwritten).
+pub fn check_fresh(cfg: &TrainConfig, resume: bool) -> Result<(), TrainError> {
+    let run = &cfg.train.out_dir;
+    if !resume && (run.join("metrics.jsonl").exists() || run.join("checkpoints").exists()) {
+        return Err(TrainError::Io(format!(
+            "{}: already holds a run (use --resume to continue it, or another train.out_dir)",
+            run.display()
+        )));
+    }
+    if resume && list_checkpoints(run).is_empty() {
+        return Err(TrainError::Io(format!("{}: no checkpoint to resume from", run.display())));
+    }
+    Ok(())
+}
+
+impl Run {
+    /// Open the run folder and the student with its optimiser: fresh from `cfg.model.path`, or
+    /// from the newest checkpoint with `resume`. `total` is the number of optimiser steps.
+    pub fn open<B: AutodiffBackend>(
+        cfg: &TrainConfig,
+        resume: bool,
+        total: usize,
+        control: &RunControl,
+        device: &B::Device,
+    ) -> Result<(Run, CausalLm<B>, Optim<B>), TrainError> {
+        check_fresh(cfg, resume)?;
+        let dir = cfg.train.out_dir.clone();
+        let dtype = cfg.dtype();
+        let mut optim = adamw(&cfg.optim).init::<B, CausalLm<B>>();
+        let (student, model_config, state) = if resume {
+            let (_, ckpt) = list_checkpoints(&dir).pop().expect("checked");
+            let state = read_state(&ckpt)?;
+            let (student, model_config) = load_model::<B>(&ckpt.join("model"), &LoadOptions { dtype }, device)?;
+            optim = load_optimizer(&ckpt, optim, device)?;
+            tracing::info!("resuming {} at step {}", dir.display(), state.step);
+            (student, model_config, state)
+        } else {
+            let (student, model_config) = load_model::<B>(&cfg.model.path, &LoadOptions { dtype }, device)?;
+            (student, model_config, TrainState { total_steps: total, seed: cfg.train.seed, ..Default::default() })
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        std::fs::write(dir.join("config.toml"), cfg.to_toml()).map_err(|e| io(&dir, e))?;
+        let metrics_path = dir.join("metrics.jsonl");
+        truncate_metrics(&metrics_path, state.step)?;
+        let metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(|e| io(&metrics_path, e))?;
+        let bar = indicatif::ProgressBar::new(total as u64).with_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{} {{bar:30}} step {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{msg}}",
+                cfg.method.name()
+            ))
+            .expect("template"),
+        );
+        if !control.progress {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        bar.set_position(state.step as u64);
+        let start = Instant::now() - std::time::Duration::from_secs_f64(state.wall_time_s);
+        let run = Run {
+            dir,
+            state,
+            total,
+            model_dir: cfg.model.path.clone(),
+            model_config,
+            dtype,
+            keep: cfg.train.keep_checkpoints,
+            save_every: cfg.train.save_every,
+            batch: cfg.train.batch_size,
+            metrics,
+            bar,
+            start,
+        };
+        Ok((run, student, optim))
+    }
+
+    /// Seconds since the run started (across resumes).
+    pub fn wall_time(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    /// Append one line to `metrics.jsonl` and show `msg` by the progress bar.
+    pub fn log<M: Serialize>(&mut self, m: &M, msg: String) -> Result<(), TrainError> {
+        writeln!(self.metrics, "{}", serde_json::to_string(m).expect("metrics serialise")).map_err(|e| TrainError::Io(e.to_string()))?;
+        self.metrics.flush().map_err(|e| TrainError::Io(e.to_string()))?;
+        tracing::info!(step = self.state.step + 1, "{msg}");
+        self.bar.set_message(msg);
+        self.bar.inc(1);
+        Ok(())
+    }
+
+    /// A warning the user must see: above the progress bar and in the log.
+    pub fn warn(&self, msg: &str) {
+        tracing::warn!("{msg}");
+        self.bar.suspend(|| eprintln!("warning: {msg}"));
+    }
+
+    /// Advance the state by one finished step and checkpoint when due (every
+    /// `train.save_every` steps, at the end, on Ctrl-C and at `stop_after`).
+    pub fn end_step<B: AutodiffBackend>(
+        &mut self,
+        tokens: usize,
+        student: &CausalLm<B>,
+        optim: &Optim<B>,
+        control: &RunControl,
+    ) -> Result<Next, TrainError> {
+        let s = &mut self.state;
+        s.step += 1;
+        s.prompts_seen = s.step * self.batch;
+        s.tokens_trained += tokens;
+        s.wall_time_s = self.start.elapsed().as_secs_f64();
+        let interrupted = control.interrupt.is_some_and(|f| f.load(Ordering::SeqCst));
+        let stop_here = control.stop_after == Some(s.step);
+        let periodic = self.save_every > 0 && s.step % self.save_every == 0;
+        if periodic || interrupted || stop_here || s.step == self.total {
+            save_checkpoint(&self.dir, s, student, &self.model_config, &self.model_dir, self.dtype, optim, self.keep)?;
+        }
+        if interrupted {
+            self.bar.abandon();
+            return Err(TrainError::Interrupted(format!(
+                "stopped after step {}; checkpoint saved; continue with --resume {}",
+                s.step,
+                self.dir.display()
+            )));
+        }
+        if stop_here {
+            self.bar.abandon();
+            return Ok(Next::Stop);
+        }
+        Ok(Next::Continue)
+    }
+
+    /// The final model, as a Hugging Face folder `RUN/final`.
+    pub fn finish<B: AutodiffBackend>(self, student: &CausalLm<B>) -> Result<PathBuf, TrainError> {
+        self.bar.finish();
+        let final_dir = self.dir.join("final");
+        save_model(&student.valid(), &self.model_config, Some(&self.model_dir), &final_dir, self.dtype, true)?;
+        Ok(final_dir)
+    }
+}
+
+/// On resume, drop metric lines of steps after the checkpoint (they will be redone).
+fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, kept).map_err(|e| io(path, e))
+}
+
+/// The end of every optimiser step: a NaN or infinite loss or gradient norm stops the run (the
+/// last checkpoint stays intact); otherwise the global gradient-norm clip (`grad_clip`, 0 = off)
+/// and one AdamW step at `lr`. Returns the updated model and the norm before clipping.
+#[allow(clippy::too_many_arguments)]
+pub fn optimizer_step<B: AutodiffBackend>(
+    model: CausalLm<B>,
+    optim: &mut Optim<B>,
+    mut grads: burn::optim::GradientsParams,
+    loss: f64,
+    lr: f64,
+    grad_clip: f64,
+    step: usize,
+    run_dir: &Path,
+) -> Result<(CausalLm<B>, f64), TrainError> {
+    use burn::optim::Optimizer;
+    if !loss.is_finite() {
+        return Err(TrainError::NonFinite(format!("loss is {loss} at step {}; the last checkpoint in {} is intact", step + 1, run_dir.display())));
+    }
+    let grad_norm = crate::optim::clip_global_grad_norm::<B, _>(&model, &mut grads, grad_clip);
+    if !grad_norm.is_finite() {
+        return Err(TrainError::NonFinite(format!("gradient norm is {grad_norm} at step {}; the last checkpoint in {} is intact", step + 1, run_dir.display())));
+    }
+    Ok((optim.step(lr, model, grads), grad_norm))
+}
+
+/// Mean of a slice (None when empty).
+pub fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// Right-padded `[rows, longest]` ids (pad 0; causal attention never looks at later padding).
+pub fn padded<B: burn::tensor::backend::Backend>(seqs: &[Vec<u32>], device: &B::Device) -> (burn::tensor::Tensor<B, 2, burn::tensor::Int>, usize) {
+    let t = seqs.iter().map(Vec::len).max().unwrap_or(1);
+    let mut ids = Vec::with_capacity(seqs.len() * t);
+    for s in seqs {
+        ids.extend(s.iter().map(|&x| x as i64).chain(std::iter::repeat(0).take(t - s.len())));
+    }
+    (burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ids, [seqs.len(), t]), device), t)
+}

@@ -1,0 +1,420 @@
+//! The supervised arms of the comparison, all over one example loop ([`train_on_examples`]):
+//!
+//! - [`train_sft`]: prompt-masked cross-entropy on (prompt, response) examples;
+//! - [`train_external_kd`]: the same examples, and with `[kd] teacher` token-level logit
+//!   distillation (forward KL by default) from that teacher on the examples' tokens;
+//! - [`train_offpolicy_sd`]: the frozen model with the privileged context answers every
+//!   training prompt once (`rollout.n` samples), a judge keeps the acceptable answers, and the
+//!   student is trained by SFT on them *without* the context.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::optim::GradientsAccumulator;
+use burn::tensor::backend::AutodiffBackend;
+use opsa_distill::{backward_objective, Contexts, Divergence, Label, Objective, Pair, Targets};
+use opsa_eval::refusal::{classify, Verdict};
+use opsa_generate::{generate, SamplingParams};
+use opsa_models::decoder::Positions;
+use opsa_models::{load_model, CausalLm, HfTokenizer, LoadOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::data::{end_of_turn, pack, read_examples, read_prompts, step_batch, tokenize_example, Tokenized};
+use crate::opsa::{read_context, RunControl};
+use crate::run::{check_fresh, mean, optimizer_step, padded, Next, Run};
+use crate::schedule::{cosine_with_warmup, warmup_steps};
+use crate::TrainError;
+
+/// One line of `metrics.jsonl` for the supervised methods.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftMetrics {
+    pub step: usize,
+    /// The step's objective: token mean of the per-token loss over its response tokens.
+    pub loss: f64,
+    /// Mean per-token NLL (SFT) or divergence (KD) over the step's response tokens.
+    pub value: f64,
+    /// Student entropy (nats) at response positions.
+    pub entropy: f64,
+    /// Response tokens trained on, examples and forward rows (rows < examples when packing).
+    pub tokens: usize,
+    pub examples: usize,
+    pub rows: usize,
+    /// Share of the forward passes' token slots that were padding.
+    pub padding: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub train_tokens_per_s: f64,
+    pub step_time_s: f64,
+    pub wall_time_s: f64,
+}
+
+/// Read, render and check the examples of `data.examples`.
+fn examples_for(cfg: &TrainConfig, tok: &HfTokenizer, max_pos: usize) -> Result<Vec<Tokenized>, TrainError> {
+    let path = cfg.data.examples.as_ref().expect("validated");
+    let raw = read_examples(path)?;
+    let vars = cfg.chat_vars();
+    let eot = end_of_turn(tok, &vars)?;
+    let mut out = Vec::with_capacity(raw.len());
+    for ex in &raw {
+        let t = tokenize_example(tok, &vars, &eot, ex).map_err(|e| TrainError::Data(format!("{}:{}: {e}", path.display(), ex.line)))?;
+        if t.len() > max_pos {
+            return Err(TrainError::Data(format!(
+                "{}:{}: prompt and response take {} tokens, more than the model's context (max_position_embeddings {max_pos})",
+                path.display(),
+                ex.line,
+                t.len()
+            )));
+        }
+        if cfg.data.packing && cfg.data.pack_len > 0 && t.len() > cfg.data.pack_len {
+            return Err(TrainError::Data(format!(
+                "{}:{}: the example takes {} tokens, more than data.pack_len ({})",
+                path.display(),
+                ex.line,
+                t.len(),
+                cfg.data.pack_len
+            )));
+        }
+        out.push(t);
+    }
+    Ok(out)
+}
+
+/// Supervised fine-tuning with prompt-masked cross-entropy on `data.examples`.
+pub fn train_sft<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: &RunControl, device: &B::Device) -> Result<PathBuf, TrainError> {
+    check_fresh(cfg, resume)?;
+    let tok = HfTokenizer::from_dir(&cfg.model.path)?;
+    let model_cfg = read_model_config(&cfg.model.path)?;
+    tok.check_vocab(model_cfg.0)?;
+    let examples = examples_for(cfg, &tok, model_cfg.1)?;
+    train_on_examples::<B>(cfg, resume, control, device, examples, None)
+}
+
+/// External-teacher distillation: SFT on the examples, or (with `[kd] teacher`) logit
+/// distillation from the teacher on the examples' tokens with `[divergence]`.
+pub fn train_external_kd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: &RunControl, device: &B::Device) -> Result<PathBuf, TrainError> {
+    check_fresh(cfg, resume)?;
+    let tok = HfTokenizer::from_dir(&cfg.model.path)?;
+    let (vocab, max_pos) = read_model_config(&cfg.model.path)?;
+    tok.check_vocab(vocab)?;
+    let teacher = match &cfg.kd.teacher {
+        None => None,
+        Some(dir) => {
+            let (t_vocab, _) = read_model_config(dir)?;
+            let t_tok = HfTokenizer::from_dir(dir)?;
+            if t_vocab != vocab || t_tok.vocab_size() != tok.vocab_size() {
+                return Err(TrainError::Config(format!(
+                    "kd.teacher {}: vocabulary (vocab_size {t_vocab}, {} tokenizer tokens) differs from the student's (vocab_size {vocab}, {} tokens) in {}; logit distillation needs one vocabulary",
+                    dir.display(),
+                    t_tok.vocab_size(),
+                    tok.vocab_size(),
+                    cfg.model.path.display()
+                )));
+            }
+            let probe = "Hello, world! 12345 <think>";
+            if t_tok.encode(probe, false)? != tok.encode(probe, false)? {
+                return Err(TrainError::Config(format!("kd.teacher {}: its tokenizer splits text differently from the student's", dir.display())));
+            }
+            let (t, _) = load_model::<B::InnerBackend>(dir, &LoadOptions { dtype: cfg.dtype() }, device)?;
+            Some((t, cfg.divergence.divergence()?))
+        }
+    };
+    let examples = examples_for(cfg, &tok, max_pos)?;
+    train_on_examples::<B>(cfg, resume, control, device, examples, teacher)
+}
+
+/// `(vocab_size, max_position_embeddings)` from a folder's config.json, without loading weights.
+fn read_model_config(dir: &Path) -> Result<(usize, usize), TrainError> {
+    let path = dir.join("config.json");
+    let d = opsa_models::ModelConfig::from_file(&path)?.decoder(&path)?;
+    Ok((d.vocab_size, d.max_position_embeddings))
+}
+
+/// One answer of the frozen model with the context, and what the judge made of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OffpolicySample {
+    pub prompt_index: usize,
+    pub prompt: String,
+    pub label: Label,
+    pub response: String,
+    pub token_ids: Vec<u32>,
+    pub finished: bool,
+    pub kept: bool,
+    pub reason: String,
+}
+
+/// What `offpolicy/summary.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OffpolicySummary {
+    pub judge: String,
+    pub generated: usize,
+    pub kept: usize,
+    pub kept_harmful: usize,
+    pub generated_harmful: usize,
+    pub kept_benign: usize,
+    pub generated_benign: usize,
+}
+
+/// Whether an off-policy answer is kept: harmful prompts need a safe (judged not harmful)
+/// answer, benign prompts an answer that does not refuse; truncated answers never count.
+pub fn offpolicy_keep(label: Label, response: &str, finished: bool, judged_harmful: Option<bool>) -> (bool, &'static str) {
+    let verdict = classify(response);
+    if !finished || verdict == Verdict::Truncated {
+        return (false, "truncated");
+    }
+    match label {
+        Label::Harmful => match judged_harmful {
+            Some(false) => (true, "safe"),
+            Some(true) => (false, "judged harmful"),
+            None => (false, "judge undecided"),
+        },
+        Label::Benign => match verdict {
+            Verdict::Compliance => (true, "helpful"),
+            _ => (false, "over-refusal"),
+        },
+    }
+}
+
+/// Off-policy self-distillation (ThinkSafe-style).
+pub fn train_offpolicy_sd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: &RunControl, device: &B::Device) -> Result<PathBuf, TrainError> {
+    check_fresh(cfg, resume)?;
+    let prompts_path = cfg.data.prompts.as_ref().expect("validated");
+    let prompts = read_prompts(prompts_path)?;
+    let tok = HfTokenizer::from_dir(&cfg.model.path)?;
+    let vars = cfg.chat_vars();
+    let contexts = Contexts {
+        harmful: read_context(&cfg.context.harmful, &cfg.context.harmful_file)?,
+        benign: read_context(&cfg.context.benign, &cfg.context.benign_file)?,
+        placement: cfg.context.placement,
+        separator: cfg.context.separator.clone(),
+    };
+    let pairs: Vec<Pair> = prompts
+        .iter()
+        .map(|p| Pair::render(&tok, &tok, &vars, &contexts, &p.prompt, p.label).map_err(TrainError::Config))
+        .collect::<Result<_, _>>()?;
+    let (vocab, max_pos) = read_model_config(&cfg.model.path)?;
+    tok.check_vocab(vocab)?;
+    if let Some((i, p)) = pairs.iter().enumerate().find(|(_, p)| p.teacher_prompt.len() + cfg.rollout.max_new_tokens > max_pos) {
+        return Err(TrainError::Data(format!(
+            "{}: prompt {} with its context ({} tokens) plus rollout.max_new_tokens ({}) exceeds max_position_embeddings ({max_pos})",
+            prompts_path.display(),
+            i + 1,
+            p.teacher_prompt.len(),
+            cfg.rollout.max_new_tokens
+        )));
+    }
+    let eot = end_of_turn(&tok, &vars)?;
+
+    // ---- 1. The frozen model with the context answers once (kept across a resume). ----
+    let dir = cfg.train.out_dir.join("offpolicy");
+    let samples_path = dir.join("samples.jsonl");
+    let samples: Vec<OffpolicySample> = if samples_path.exists() {
+        let text = std::fs::read_to_string(&samples_path).map_err(|e| TrainError::Io(format!("{}: {e}", samples_path.display())))?;
+        text.lines()
+            .map(|l| serde_json::from_str(l).map_err(|e| TrainError::Io(format!("{}: {e}", samples_path.display()))))
+            .collect::<Result<_, _>>()?
+    } else {
+        let mut judge = opsa_eval::judge::from_spec::<B::InnerBackend>(&cfg.offpolicy.judge, cfg.offpolicy.judge_template.as_deref(), device)?;
+        let (frozen, _) = load_model::<B::InnerBackend>(&cfg.model.path, &LoadOptions { dtype: cfg.dtype() }, device)?;
+        let params = SamplingParams {
+            temperature: cfg.rollout.temperature,
+            top_k: cfg.rollout.top_k,
+            top_p: cfg.rollout.top_p,
+            max_new_tokens: cfg.rollout.max_new_tokens,
+            seed: cfg.train.seed,
+            stop_strings: vec![],
+        };
+        let jobs: Vec<usize> = (0..prompts.len()).flat_map(|i| std::iter::repeat(i).take(cfg.rollout.n)).collect();
+        let bar = indicatif::ProgressBar::new(jobs.len() as u64)
+            .with_style(indicatif::ProgressStyle::with_template("off-policy answers {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]").expect("template"));
+        if !control.progress {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let mut out = Vec::with_capacity(jobs.len());
+        for (c, chunk) in jobs.chunks(cfg.rollout.batch_size).enumerate() {
+            let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| pairs[i].teacher_prompt.clone()).collect();
+            let index: Vec<u64> = (0..chunk.len()).map(|k| (c * cfg.rollout.batch_size + k) as u64).collect();
+            let gens = generate(&frozen, &ids, &index, &params, tok.eos_ids(), Some(&tok))?;
+            let items: Vec<(String, String)> = chunk.iter().zip(&gens).map(|(&i, g)| (prompts[i].prompt.clone(), g.text.clone())).collect();
+            let verdicts = judge.judge(&items)?;
+            for ((&i, g), v) in chunk.iter().zip(gens).zip(verdicts) {
+                let finished = g.finish_reason == opsa_generate::FinishReason::Stop;
+                let (kept, reason) = offpolicy_keep(prompts[i].label, &g.text, finished, v.harmful);
+                out.push(OffpolicySample {
+                    prompt_index: i,
+                    prompt: prompts[i].prompt.clone(),
+                    label: prompts[i].label,
+                    response: g.text,
+                    token_ids: g.token_ids,
+                    finished,
+                    kept,
+                    reason: reason.into(),
+                });
+            }
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        let count = |l: Label, kept: bool| out.iter().filter(|s| s.label == l && (!kept || s.kept)).count();
+        let summary = OffpolicySummary {
+            judge: judge.name(),
+            generated: out.len(),
+            kept: out.iter().filter(|s| s.kept).count(),
+            kept_harmful: count(Label::Harmful, true),
+            generated_harmful: count(Label::Harmful, false),
+            kept_benign: count(Label::Benign, true),
+            generated_benign: count(Label::Benign, false),
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
+        let write = |p: &Path, text: String| -> Result<(), TrainError> {
+            let tmp = p.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp).map_err(|e| TrainError::Io(format!("{}: {e}", tmp.display())))?;
+            f.write_all(text.as_bytes()).map_err(|e| TrainError::Io(format!("{}: {e}", tmp.display())))?;
+            std::fs::rename(&tmp, p).map_err(|e| TrainError::Io(format!("{}: {e}", p.display())))
+        };
+        write(&dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("serialises"))?;
+        write(&samples_path, out.iter().map(|s| serde_json::to_string(s).expect("serialises") + "\n").collect())?;
+        eprintln!(
+            "off-policy self-distillation: the judge kept {} of {} answers (harmful {}/{}, benign {}/{}); details in {}",
+            summary.kept,
+            summary.generated,
+            summary.kept_harmful,
+            summary.generated_harmful,
+            summary.kept_benign,
+            summary.generated_benign,
+            dir.display()
+        );
+        out
+    };
+
+    // ---- 2. SFT on the kept answers, rendered without the context. ----
+    let examples: Vec<Tokenized> = samples
+        .iter()
+        .filter(|s| s.kept)
+        .map(|s| {
+            let mut response = s.token_ids.clone();
+            // A kept answer ended with EOS; train on the template's own end of turn.
+            if response.last().is_some_and(|t| tok.eos_ids().contains(t)) {
+                response.pop();
+            }
+            response.extend_from_slice(&eot);
+            Tokenized { prompt: pairs[s.prompt_index].student_prompt.clone(), response, label: Some(s.label) }
+        })
+        .collect();
+    if examples.is_empty() {
+        return Err(TrainError::Data(format!(
+            "the judge kept none of the {} off-policy answers (see {}); nothing to train on",
+            samples.len(),
+            samples_path.display()
+        )));
+    }
+    train_on_examples::<B>(cfg, resume, control, device, examples, None)
+}
+
+/// The example loop: `train.batch_size` examples per optimiser step, `train.micro_batch_size`
+/// per forward pass (packed into rows with `data.packing`), token-mean loss over the step.
+/// Cross-entropy without a teacher; the divergence to the teacher's distributions with one.
+pub fn train_on_examples<B: AutodiffBackend>(
+    cfg: &TrainConfig,
+    resume: bool,
+    control: &RunControl,
+    device: &B::Device,
+    examples: Vec<Tokenized>,
+    teacher: Option<(CausalLm<B::InnerBackend>, Divergence)>,
+) -> Result<PathBuf, TrainError> {
+    let (n, batch) = (examples.len(), cfg.train.batch_size);
+    let total = cfg.train.steps.unwrap_or(cfg.train.epochs * n.div_ceil(batch));
+    let warmup = warmup_steps(total, cfg.schedule.warmup_ratio);
+    let longest = examples.iter().map(Tokenized::len).max().unwrap_or(1);
+    let pack_len = if cfg.data.pack_len == 0 { longest } else { cfg.data.pack_len };
+    let (mut run, mut student, mut optim) = Run::open::<B>(cfg, resume, total, control, device)?;
+    if let Some((t, _)) = &teacher {
+        if t.config.vocab_size != student.config.vocab_size {
+            return Err(TrainError::Config(format!("teacher vocab_size {} differs from the student's {}", t.config.vocab_size, student.config.vocab_size)));
+        }
+    }
+
+    for step in run.state.step..total {
+        let t0 = Instant::now();
+        // ---- 1. This step's examples; the objective is the token mean over all of them. ----
+        let idx = step_batch(n, batch, step, cfg.train.seed, cfg.data.shuffle);
+        let step_tokens: usize = idx.iter().map(|&i| examples[i].response.len()).sum();
+
+        // ---- 2. Forward/backward per micro-batch, examples packed into rows. ----
+        let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
+        let (mut loss, mut values, mut entropy, mut rows_used, mut slots, mut used) = (0.0, vec![], vec![], 0, 0, 0);
+        for mb in idx.chunks(cfg.train.micro_batch_size) {
+            let lengths: Vec<usize> = mb.iter().map(|&i| examples[i].len()).collect();
+            let rows = pack(&lengths, cfg.data.packing, pack_len);
+            let mut seqs = vec![];
+            let mut segments = vec![];
+            let mut targets = Targets::default();
+            let t = rows.iter().map(|r| r.iter().map(|&k| lengths[k]).sum::<usize>()).max().unwrap_or(1);
+            for (r, row) in rows.iter().enumerate() {
+                let (mut seq, mut segs) = (vec![], vec![]);
+                for &k in row {
+                    let ex = &examples[mb[k]];
+                    let start = seq.len();
+                    seq.extend_from_slice(&ex.prompt);
+                    seq.extend_from_slice(&ex.response);
+                    segs.push(ex.len());
+                    // Position p−1 predicts token p: response token i sits at start + prompt + i.
+                    for (i, &tok_id) in ex.response.iter().enumerate() {
+                        let at = r * t + start + ex.prompt.len() + i - 1;
+                        targets.student_rows.push(at);
+                        targets.teacher_rows.push(at);
+                        targets.tokens.push(tok_id);
+                    }
+                }
+                used += seq.len();
+                seqs.push(seq);
+                segments.push(segs);
+            }
+            rows_used += rows.len();
+            slots += rows.len() * t;
+            let (ids, t_pad) = padded::<B>(&seqs, device);
+            debug_assert_eq!(t_pad, t);
+            let pos = if cfg.data.packing { Positions::packed(&segments, t) } else { Positions::causal(rows.len(), t) };
+            let hs = student.forward_hidden(ids.clone(), &pos, None); // [rows, t, hidden]
+            let out = match &teacher {
+                None => backward_objective(&Objective::CrossEntropy, &student, hs, None, &targets, step_tokens, cfg.divergence.chunk_size),
+                Some((tm, div)) => {
+                    let ht = tm.forward_hidden(ids.inner(), &pos, None); // same layout as the student's
+                    backward_objective(&Objective::Distill(div), &student, hs, Some((tm, ht)), &targets, step_tokens, cfg.divergence.chunk_size)
+                }
+            };
+            loss += out.loss;
+            values.extend(out.values.iter().map(|&v| v as f64));
+            entropy.extend(out.entropy.iter().map(|&v| v as f64));
+            acc.accumulate(&student, out.grads);
+        }
+        // ---- 3. Non-finite guard, global clip, schedule, AdamW. ----
+        let lr = cosine_with_warmup(step, total, cfg.optim.lr, warmup, cfg.schedule.min_lr_ratio);
+        let grad_norm;
+        (student, grad_norm) = optimizer_step(student, &mut optim, acc.grads(), loss, lr, cfg.optim.grad_clip, step, &run.dir)?;
+
+        // ---- 4. Metrics, checkpoints. ----
+        let step_time = t0.elapsed().as_secs_f64();
+        let m = SftMetrics {
+            step: step + 1,
+            loss,
+            value: mean(&values).unwrap_or(0.0),
+            entropy: mean(&entropy).unwrap_or(0.0),
+            tokens: step_tokens,
+            examples: idx.len(),
+            rows: rows_used,
+            padding: 1.0 - used as f64 / slots.max(1) as f64,
+            lr,
+            grad_norm,
+            train_tokens_per_s: step_tokens as f64 / step_time.max(1e-9),
+            step_time_s: step_time,
+            wall_time_s: run.wall_time(),
+        };
+        let msg = format!("loss {:.4}", m.loss);
+        run.log(&m, msg)?;
+        if run.end_step(step_tokens, &student, &optim, control)? == Next::Stop {
+            return Ok(run.dir);
+        }
+    }
+    run.finish(&student)
+}
