@@ -40,6 +40,12 @@ enum Command {
     /// Run a comparison recipe (configs/compare/): base evaluation, optional flip-rate search,
     /// every arm trained and evaluated on the same prompts, judge and suite, then the report.
     Compare(CompareArgs),
+    /// The whole method on the embedded toy world in minutes on a CPU: base evaluation, flip-rate
+    /// search, OPSA with the best context, the SFT and off-policy baselines, evaluation, report.
+    Demo(DemoArgs),
+    /// The embedded toy world: `opsa toy pretrain` builds the shipped demo model from scratch.
+    #[command(subcommand)]
+    Toy(ToyCommand),
     /// DGR data refinement: the target model rewrites each external example in its own words
     /// (format and judge checks, fallback to the original); then train with method = "sft".
     Refine(RefineArgs),
@@ -113,6 +119,63 @@ struct FlipArgs {
     /// Output folder: responses.jsonl (resumable), results.json, table.md, best-context.txt.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Output folder (the world's data, configs, runs, evaluations, report). Rerunning with the
+    /// same folder resumes.
+    #[arg(long, value_name = "DIR", default_value = "demo-run")]
+    out: PathBuf,
+    /// The toy model (default: models/toy-qwen3, shipped in the repository).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Optimiser steps per arm.
+    #[arg(long, default_value_t = 40)]
+    steps: usize,
+    /// Items per evaluation set.
+    #[arg(long, default_value_t = 40)]
+    eval_items: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+}
+
+#[derive(Subcommand)]
+enum ToyCommand {
+    /// Generate the world's corpus, train a tokenizer, initialise a small Qwen3 model and train it
+    /// on the corpus (how models/toy-qwen3 was made). Rerun to resume an interrupted run.
+    Pretrain(ToyPretrainArgs),
+}
+
+#[derive(Args)]
+struct ToyPretrainArgs {
+    /// Hugging Face folder to write.
+    #[arg(long, value_name = "DIR", default_value = "models/toy-qwen3")]
+    out: PathBuf,
+    /// Work folder: corpus, tokenizer, initial weights, the resumable training run.
+    #[arg(long, value_name = "DIR", default_value = "runs/toy-pretrain")]
+    work: PathBuf,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 1200)]
+    steps: usize,
+    /// Examples generated for the corpus.
+    #[arg(long, default_value_t = 40_000)]
+    corpus_size: usize,
+    /// Examples per step.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Seed of the world and the initial weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Replace an existing --out folder.
+    #[arg(long)]
+    overwrite: bool,
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
 }
@@ -362,6 +425,8 @@ fn main() -> ExitCode {
         Command::AnalyzeKl(a) => dispatch(a.backend, |r| r.analyze_kl(a)),
         Command::Refine(a) => dispatch(a.backend, |r| r.refine(a)),
         Command::Compare(a) => dispatch(a.backend, |r| r.compare(a)),
+        Command::Demo(a) => dispatch(a.backend, |r| r.demo(a)),
+        Command::Toy(ToyCommand::Pretrain(a)) => dispatch(a.backend, |r| r.toy_pretrain(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -421,6 +486,8 @@ trait Commands {
     fn analyze_kl(&self, a: &KlArgs) -> Result<()>;
     fn refine(&self, a: &RefineArgs) -> Result<()>;
     fn compare(&self, a: &CompareArgs) -> Result<()>;
+    fn toy_pretrain(&self, a: &ToyPretrainArgs) -> Result<()>;
+    fn demo(&self, a: &DemoArgs) -> Result<()>;
 }
 
 fn report(a: &ReportArgs) -> Result<()> {
@@ -449,6 +516,16 @@ fn open_model<B: Backend>(dir: &Path, dtype: WeightDType, device: &B::Device) ->
 
 /// Set by Ctrl-C: the trainer saves a checkpoint at the end of the step and stops.
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Long work that Ctrl-C stops cleanly: the current step finishes, a checkpoint is saved, and
+/// running the same command again continues from it.
+fn interruptible() -> opsa_train::RunControl<'static> {
+    let _ = ctrlc::set_handler(|| {
+        eprintln!("\ninterrupt: finishing this step, saving a checkpoint, then stopping (run the same command again, or --resume, to continue)");
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    opsa_train::RunControl { interrupt: Some(&INTERRUPTED), stop_after: None, progress: true }
+}
 
 fn parse_template_vars(vars: &[String]) -> Result<serde_json::Map<String, Value>> {
     let mut m = serde_json::Map::new();
@@ -697,11 +774,7 @@ impl<B: Backend> Commands for Runner<B> {
             overrides.push(format!("train.out_dir={}", toml::Value::String(run.display().to_string())));
         }
         let cfg = opsa_train::TrainConfig::load(&config_path, &overrides)?;
-        let _ = ctrlc::set_handler(|| {
-            eprintln!("\ninterrupt: finishing this step, saving a checkpoint, then stopping");
-            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-        });
-        let control = opsa_train::RunControl { interrupt: Some(&INTERRUPTED), stop_after: None, progress: true };
+        let control = interruptible();
         use opsa_train::config::Method;
         type A<B> = burn::backend::Autodiff<B>;
         let (resume, d) = (a.resume.is_some(), &self.device);
@@ -716,16 +789,51 @@ impl<B: Backend> Commands for Runner<B> {
         Ok(())
     }
 
+    fn demo(&self, a: &DemoArgs) -> Result<()> {
+        if a.steps == 0 || a.eval_items == 0 {
+            bail!("--steps and --eval-items must be positive");
+        }
+        // The shipped model, found from the repository root or from the source tree.
+        let model = a.model.clone().unwrap_or_else(|| {
+            let local = PathBuf::from("models/toy-qwen3");
+            if local.join("config.json").exists() {
+                local
+            } else {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("models/toy-qwen3")
+            }
+        });
+        let o = opsa_train::toy::demo::DemoOptions { out: a.out.clone(), model, steps: a.steps, eval_items: a.eval_items, seed: a.seed, progress: true };
+        let control = interruptible();
+        let start = std::time::Instant::now();
+        let text = opsa_train::toy::demo::run_demo::<burn::backend::Autodiff<B>>(&o, &control, &self.device)?;
+        println!("{text}");
+        eprintln!("demo finished in {:.0} s", start.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn toy_pretrain(&self, a: &ToyPretrainArgs) -> Result<()> {
+        let o = opsa_train::toy::PretrainOptions {
+            out: a.out.clone(),
+            work: a.work.clone(),
+            seed: a.seed,
+            steps: a.steps,
+            corpus_size: a.corpus_size,
+            batch_size: a.batch_size,
+            lr: a.lr,
+            overwrite: a.overwrite,
+        };
+        let control = interruptible();
+        let out = opsa_train::toy::pretrain::<burn::backend::Autodiff<B>>(&o, &control, &self.device)?;
+        eprintln!("done: {} (work files in {})", out.display(), a.work.display());
+        Ok(())
+    }
+
     fn compare(&self, a: &CompareArgs) -> Result<()> {
         let mut recipe = opsa_train::compare::Recipe::load(&a.recipe, &a.set)?;
         if let Some(o) = &a.out {
             recipe.out_dir = o.clone();
         }
-        let _ = ctrlc::set_handler(|| {
-            eprintln!("\ninterrupt: finishing this step, saving a checkpoint, then stopping (run the recipe again to continue)");
-            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-        });
-        let control = opsa_train::RunControl { interrupt: Some(&INTERRUPTED), stop_after: None, progress: true };
+        let control = interruptible();
         let md = opsa_train::compare::run_recipe::<burn::backend::Autodiff<B>>(&recipe, &control, &self.device)?;
         print!("{md}");
         eprintln!("report written to {}", recipe.out_dir.join("report").display());

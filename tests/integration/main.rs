@@ -8,4 +8,5 @@ mod distill;
 mod eval;
 mod parity;
 mod tokenizer;
+mod toy;
 mod train;

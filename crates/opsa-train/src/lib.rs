@@ -13,6 +13,7 @@ pub mod refine;
 pub mod run;
 pub mod schedule;
 pub mod sft;
+pub mod toy;
 
 pub use config::TrainConfig;
 pub use copsd::train_copsd;
