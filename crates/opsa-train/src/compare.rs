@@ -165,23 +165,20 @@ impl Recipe {
         let mut sets = vec![format!("model.path={}", q(&self.model)), format!("train.out_dir={}", q(&self.out_dir.join("train").join(&arm.name)))];
         sets.extend(self.set.iter().cloned());
         sets.extend(arm.set.iter().cloned());
-        if let Some(c) = best_context {
-            sets.push(format!("context.harmful_file={}", q(c)));
-            sets.push("context.harmful=".into()); // removed below
-        }
         if let Some(d) = refined {
             sets.push(format!("data.examples={}", q(d)));
         }
         let text = std::fs::read_to_string(&arm.config).map_err(|e| cfg_err(&arm.config, e))?;
         let mut table: toml::Table = toml::from_str(&text).map_err(|e| cfg_err(&arm.config, e.message()))?;
         for o in &sets {
-            if o == "context.harmful=" {
-                if let Some(toml::Value::Table(c)) = table.get_mut("context") {
-                    c.remove("harmful");
-                }
-                continue;
-            }
             apply_override(&mut table, o)?;
+        }
+        // c* replaces whatever harmful context the arm's config had.
+        if let Some(c) = best_context {
+            if let Some(toml::Value::Table(ctx)) = table.get_mut("context") {
+                ctx.remove("harmful");
+            }
+            apply_override(&mut table, &format!("context.harmful_file={}", q(c)))?;
         }
         TrainConfig::from_table(table, &arm.config.display().to_string())
     }
