@@ -286,6 +286,26 @@ pub struct RolloutSection {
     pub batch_size: usize,
 }
 
+impl RolloutSection {
+    /// The sampling settings of these rollouts, with `seed`.
+    pub fn params(&self, seed: u64) -> opsa_generate::SamplingParams {
+        opsa_generate::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            seed,
+            stop_strings: vec![],
+        }
+    }
+}
+
+/// The rollout seed of optimiser step `step` (0-based): a pure function of `(seed, step)`, so a
+/// resumed run samples exactly what the uninterrupted one would have.
+pub fn step_seed(seed: u64, step: usize) -> u64 {
+    seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 impl Default for RolloutSection {
     /// The paper's: one rollout per prompt at temperature 1.0.
     fn default() -> Self {

@@ -20,16 +20,16 @@ use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::AutodiffBackend;
 use opsa_distill::{backward_objective, token_logprobs, Contexts, Label, Objective, Pair, Targets};
 use opsa_eval::refusal::{classify, Verdict};
-use opsa_generate::{generate, FinishReason, Generation, SamplingParams};
+use opsa_generate::{FinishReason, Generation};
 use opsa_models::decoder::Positions;
 use opsa_models::{load_model, save_model, CausalLm, HfTokenizer, LoadOptions};
 use serde::Serialize;
 
-use crate::config::TrainConfig;
-use crate::data::{end_of_turn, read_prompts, step_batch, Constitution};
+use crate::config::{step_seed, TrainConfig};
+use crate::data::{check_rollouts_fit, end_of_turn, read_prompts, step_batch, Constitution};
 use crate::optim::adamw;
 use crate::opsa::RunControl;
-use crate::run::{check_fresh, mean, optimizer_step, padded, Next, Run};
+use crate::run::{check_fresh, generate_all, mean, optimizer_step, padded, Next, Run};
 use crate::schedule::{cosine_with_warmup, warmup_steps};
 use crate::TrainError;
 
@@ -116,30 +116,9 @@ pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control:
     let (initial, model_config) = load_model::<B::InnerBackend>(model_dir, &LoadOptions { dtype }, device)?;
     tok.check_vocab(initial.config.vocab_size)?;
     let max_pos = initial.config.max_position_embeddings;
-    if let Some((i, p)) = pairs.iter().enumerate().find(|(_, p)| p.teacher_prompt.len() + cfg.rollout.max_new_tokens > max_pos) {
-        return Err(TrainError::Data(format!(
-            "{}: prompt {} with its constitution text ({} tokens) plus rollout.max_new_tokens ({}) exceeds max_position_embeddings ({max_pos})",
-            prompts_path.display(),
-            i + 1,
-            p.teacher_prompt.len(),
-            cfg.rollout.max_new_tokens
-        )));
-    }
-    let sampling = |seed: u64| SamplingParams {
-        temperature: cfg.rollout.temperature,
-        top_k: cfg.rollout.top_k,
-        top_p: cfg.rollout.top_p,
-        max_new_tokens: cfg.rollout.max_new_tokens,
-        seed,
-        stop_strings: vec![],
-    };
-    let rollouts_of = |model: &CausalLm<B::InnerBackend>, prompts_ids: Vec<Vec<u32>>, seed: u64| -> Result<Vec<Generation>, TrainError> {
-        let mut out = Vec::with_capacity(prompts_ids.len());
-        for (c, chunk) in prompts_ids.chunks(cfg.rollout.batch_size).enumerate() {
-            let index: Vec<u64> = (0..chunk.len()).map(|k| (c * cfg.rollout.batch_size + k) as u64).collect();
-            out.extend(generate(model, chunk, &index, &sampling(seed), tok.eos_ids(), Some(&tok))?);
-        }
-        Ok(out)
+    check_rollouts_fit(&pairs, cfg.rollout.max_new_tokens, max_pos, prompts_path, "constitution text")?;
+    let rollouts_of = |model: &CausalLm<B::InnerBackend>, prompts_ids: Vec<Vec<u32>>, seed: u64| {
+        generate_all(model, &prompts_ids, cfg.rollout.batch_size, &cfg.rollout.params(seed), &tok)
     };
 
     // ---- 0b. The teacher: the initial weights, or their Cross-SFT cold start. ----
@@ -190,7 +169,7 @@ pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control:
         let jobs: Vec<usize> = batch_prompts.iter().flat_map(|&i| std::iter::repeat(i).take(g)).collect();
         let group: Vec<usize> = (0..jobs.len()).map(|k| k / g).collect();
         let policy = student.valid();
-        let seed = cfg.train.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let seed = step_seed(cfg.train.seed, step);
         let rollouts = rollouts_of(&policy, jobs.iter().map(|&i| pairs[i].student_prompt.clone()).collect(), seed)?;
         let t_rollout = t0.elapsed().as_secs_f64();
         let step_tokens: usize = rollouts.iter().map(|r| r.token_ids.len()).sum();

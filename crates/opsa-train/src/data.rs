@@ -94,6 +94,20 @@ pub fn read_prompt_texts(path: &Path) -> Result<Vec<String>, TrainError> {
     Ok(out)
 }
 
+/// Every prompt with its context (the teacher's, longer stream) plus `max_new` response tokens
+/// must fit the model's context; the first that does not is an error naming the file and prompt.
+pub fn check_rollouts_fit(pairs: &[opsa_distill::Pair], max_new: usize, max_pos: usize, path: &Path, context: &str) -> Result<(), TrainError> {
+    match pairs.iter().enumerate().find(|(_, p)| p.teacher_prompt.len() + max_new > max_pos) {
+        Some((i, p)) => Err(TrainError::Data(format!(
+            "{}: prompt {} with its {context} ({} tokens) plus rollout.max_new_tokens ({max_new}) exceeds max_position_embeddings ({max_pos})",
+            path.display(),
+            i + 1,
+            p.teacher_prompt.len(),
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The order prompts are visited in: epoch by epoch, each epoch a seeded permutation.
 /// A pure function of `(seed, epoch)`, so a resumed run sees exactly the same batches.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {

@@ -15,9 +15,9 @@ use opsa_models::decoder::Positions;
 use opsa_models::{load_model, CausalLm, HfTokenizer, LoadOptions};
 use serde::Serialize;
 
-use crate::config::TrainConfig;
-use crate::data::{read_prompts, step_batch};
-use crate::run::{check_fresh, mean, optimizer_step, padded, Next, Run};
+use crate::config::{step_seed, TrainConfig};
+use crate::data::{check_rollouts_fit, read_prompts, step_batch};
+use crate::run::{check_fresh, generate_all, mean, optimizer_step, padded, Next, Run};
 use crate::schedule::{cosine_with_warmup, warmup_steps};
 use crate::TrainError;
 
@@ -102,15 +102,7 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
         .map(|p| Pair::render(&tok, &tok, &vars, &contexts, &p.prompt, p.label).map_err(TrainError::Config))
         .collect::<Result<_, _>>()?;
     let max_pos = teacher.config.max_position_embeddings;
-    if let Some((i, p)) = pairs.iter().enumerate().find(|(_, p)| p.teacher_prompt.len() + cfg.rollout.max_new_tokens > max_pos) {
-        return Err(TrainError::Data(format!(
-            "{}: prompt {} with its context ({} tokens) plus rollout.max_new_tokens ({}) exceeds max_position_embeddings ({max_pos})",
-            prompts_path.display(),
-            i + 1,
-            p.teacher_prompt.len(),
-            cfg.rollout.max_new_tokens
-        )));
-    }
+    check_rollouts_fit(&pairs, cfg.rollout.max_new_tokens, max_pos, prompts_path, "context")?;
     let (n, batch) = (prompts.len(), cfg.train.batch_size);
     let total = cfg.train.steps.unwrap_or(cfg.train.epochs * n.div_ceil(batch));
     let warmup = warmup_steps(total, cfg.schedule.warmup_ratio);
@@ -125,14 +117,6 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
             model_dir.display()
         )));
     }
-    let sampling = |step: usize| SamplingParams {
-        temperature: cfg.rollout.temperature,
-        top_k: cfg.rollout.top_k,
-        top_p: cfg.rollout.top_p,
-        max_new_tokens: cfg.rollout.max_new_tokens,
-        seed: cfg.train.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        stop_strings: vec![],
-    };
 
     for step in run.state.step..total {
         let t0 = Instant::now();
@@ -144,13 +128,9 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
 
         // ---- 2. Student rollouts, without autodiff. ----
         let policy = student.valid();
-        let params = sampling(step);
-        let mut rollouts: Vec<Generation> = Vec::with_capacity(jobs.len());
-        for (c, chunk) in jobs.chunks(cfg.rollout.batch_size).enumerate() {
-            let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| pairs[i].student_prompt.clone()).collect();
-            let index: Vec<u64> = (0..chunk.len()).map(|k| (c * cfg.rollout.batch_size + k) as u64).collect();
-            rollouts.extend(generate(&policy, &ids, &index, &params, tok.eos_ids(), Some(&tok))?);
-        }
+        let ids: Vec<Vec<u32>> = jobs.iter().map(|&i| pairs[i].student_prompt.clone()).collect();
+        let params = cfg.rollout.params(step_seed(cfg.train.seed, step));
+        let rollouts: Vec<Generation> = generate_all(&policy, &ids, cfg.rollout.batch_size, &params, &tok)?;
         drop(policy);
         let t_rollout = t0.elapsed().as_secs_f64();
         // The objective is the token mean over the whole step, whatever the micro-batching.

@@ -232,6 +232,23 @@ pub fn optimizer_step<B: AutodiffBackend>(
     Ok((optim.step(lr, model, grads), grad_norm))
 }
 
+/// Generate for every prompt, `batch` at a time. Row k draws from stream k of `params.seed`,
+/// so the result does not depend on `batch`.
+pub fn generate_all<B: burn::tensor::backend::Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    batch: usize,
+    params: &opsa_generate::SamplingParams,
+    tok: &opsa_models::HfTokenizer,
+) -> Result<Vec<opsa_generate::Generation>, TrainError> {
+    let mut out = Vec::with_capacity(prompts.len());
+    for (c, chunk) in prompts.chunks(batch.max(1)).enumerate() {
+        let index: Vec<u64> = (0..chunk.len()).map(|k| (c * batch + k) as u64).collect();
+        out.extend(opsa_generate::generate(model, chunk, &index, params, tok.eos_ids(), Some(tok))?);
+    }
+    Ok(out)
+}
+
 /// Mean of a slice (None when empty).
 pub fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)

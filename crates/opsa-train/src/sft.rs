@@ -15,15 +15,14 @@ use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::AutodiffBackend;
 use opsa_distill::{backward_objective, Contexts, Divergence, Label, Objective, Pair, Targets};
 use opsa_eval::refusal::{classify, Verdict};
-use opsa_generate::{generate, SamplingParams};
 use opsa_models::decoder::Positions;
 use opsa_models::{load_model, CausalLm, HfTokenizer, LoadOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
-use crate::data::{end_of_turn, pack, read_examples, read_prompts, step_batch, tokenize_example, Tokenized};
+use crate::data::{check_rollouts_fit, end_of_turn, pack, read_examples, read_prompts, step_batch, tokenize_example, Tokenized};
 use crate::opsa::{read_context, RunControl};
-use crate::run::{check_fresh, mean, optimizer_step, padded, Next, Run};
+use crate::run::{check_fresh, generate_all, mean, optimizer_step, padded, Next, Run};
 use crate::schedule::{cosine_with_warmup, warmup_steps};
 use crate::TrainError;
 
@@ -195,15 +194,7 @@ pub fn train_offpolicy_sd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, c
         .collect::<Result<_, _>>()?;
     let (vocab, max_pos) = read_model_config(&cfg.model.path)?;
     tok.check_vocab(vocab)?;
-    if let Some((i, p)) = pairs.iter().enumerate().find(|(_, p)| p.teacher_prompt.len() + cfg.rollout.max_new_tokens > max_pos) {
-        return Err(TrainError::Data(format!(
-            "{}: prompt {} with its context ({} tokens) plus rollout.max_new_tokens ({}) exceeds max_position_embeddings ({max_pos})",
-            prompts_path.display(),
-            i + 1,
-            p.teacher_prompt.len(),
-            cfg.rollout.max_new_tokens
-        )));
-    }
+    check_rollouts_fit(&pairs, cfg.rollout.max_new_tokens, max_pos, prompts_path, "context")?;
     let eot = end_of_turn(&tok, &vars)?;
 
     // ---- 1. The frozen model with the context answers once (kept across a resume). ----
@@ -217,44 +208,30 @@ pub fn train_offpolicy_sd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, c
     } else {
         let mut judge = opsa_eval::judge::from_spec::<B::InnerBackend>(&cfg.offpolicy.judge, cfg.offpolicy.judge_template.as_deref(), device)?;
         let (frozen, _) = load_model::<B::InnerBackend>(&cfg.model.path, &LoadOptions { dtype: cfg.dtype() }, device)?;
-        let params = SamplingParams {
-            temperature: cfg.rollout.temperature,
-            top_k: cfg.rollout.top_k,
-            top_p: cfg.rollout.top_p,
-            max_new_tokens: cfg.rollout.max_new_tokens,
-            seed: cfg.train.seed,
-            stop_strings: vec![],
-        };
+        let params = cfg.rollout.params(cfg.train.seed);
         let jobs: Vec<usize> = (0..prompts.len()).flat_map(|i| std::iter::repeat(i).take(cfg.rollout.n)).collect();
-        let bar = indicatif::ProgressBar::new(jobs.len() as u64)
-            .with_style(indicatif::ProgressStyle::with_template("off-policy answers {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]").expect("template"));
-        if !control.progress {
-            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        let ids: Vec<Vec<u32>> = jobs.iter().map(|&i| pairs[i].teacher_prompt.clone()).collect();
+        if control.progress {
+            eprintln!("off-policy self-distillation: the frozen model with the context answers {} prompts", jobs.len());
         }
+        let gens = generate_all(&frozen, &ids, cfg.rollout.batch_size, &params, &tok)?;
+        let items: Vec<(String, String)> = jobs.iter().zip(&gens).map(|(&i, g)| (prompts[i].prompt.clone(), g.text.clone())).collect();
+        let verdicts = judge.judge(&items)?;
         let mut out = Vec::with_capacity(jobs.len());
-        for (c, chunk) in jobs.chunks(cfg.rollout.batch_size).enumerate() {
-            let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| pairs[i].teacher_prompt.clone()).collect();
-            let index: Vec<u64> = (0..chunk.len()).map(|k| (c * cfg.rollout.batch_size + k) as u64).collect();
-            let gens = generate(&frozen, &ids, &index, &params, tok.eos_ids(), Some(&tok))?;
-            let items: Vec<(String, String)> = chunk.iter().zip(&gens).map(|(&i, g)| (prompts[i].prompt.clone(), g.text.clone())).collect();
-            let verdicts = judge.judge(&items)?;
-            for ((&i, g), v) in chunk.iter().zip(gens).zip(verdicts) {
-                let finished = g.finish_reason == opsa_generate::FinishReason::Stop;
-                let (kept, reason) = offpolicy_keep(prompts[i].label, &g.text, finished, v.harmful);
-                out.push(OffpolicySample {
-                    prompt_index: i,
-                    prompt: prompts[i].prompt.clone(),
-                    label: prompts[i].label,
-                    response: g.text,
-                    token_ids: g.token_ids,
-                    finished,
-                    kept,
-                    reason: reason.into(),
-                });
-            }
-            bar.inc(chunk.len() as u64);
+        for ((&i, g), v) in jobs.iter().zip(gens).zip(verdicts) {
+            let finished = g.finish_reason == opsa_generate::FinishReason::Stop;
+            let (kept, reason) = offpolicy_keep(prompts[i].label, &g.text, finished, v.harmful);
+            out.push(OffpolicySample {
+                prompt_index: i,
+                prompt: prompts[i].prompt.clone(),
+                label: prompts[i].label,
+                response: g.text,
+                token_ids: g.token_ids,
+                finished,
+                kept,
+                reason: reason.into(),
+            });
         }
-        bar.finish_and_clear();
         let count = |l: Label, kept: bool| out.iter().filter(|s| s.label == l && (!kept || s.kept)).count();
         let summary = OffpolicySummary {
             judge: judge.name(),
