@@ -401,4 +401,12 @@ fn compare_recipe_runs_every_arm_and_reports() {
     let o = run();
     assert!(o.status.success());
     assert!(!String::from_utf8_lossy(&o.stderr).contains("training"), "{}", String::from_utf8_lossy(&o.stderr));
+    // A rerun with other settings is refused rather than mixed with the old results.
+    let o = Command::new(env!("CARGO_BIN_EXE_opsa"))
+        .current_dir(root())
+        .args(["compare", "--recipe", "configs/compare/test-tiny.toml", "--out", out.to_str().unwrap(), "--set", "optim.lr=1e-4"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("other settings"), "{err}");
 }

@@ -81,3 +81,18 @@ fn a_shortened_demo_runs_the_whole_pipeline() {
     let cfg = std::fs::read_to_string(out.join("train/opsa/config.toml")).unwrap();
     assert!(cfg.contains("best-context.txt"));
 }
+
+#[test]
+fn a_demo_folder_refuses_other_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    std::fs::create_dir_all(&out).unwrap();
+    let model = root().join("models/toy-qwen3");
+    std::fs::write(out.join("demo-options.json"), serde_json::json!({"model": model, "steps": 3, "eval_items": 4, "seed": 0}).to_string()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_opsa"))
+        .args(["demo", "--out", out.to_str().unwrap(), "--steps", "2", "--eval-items", "4", "--model", model.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("other options"), "{err}");
+}

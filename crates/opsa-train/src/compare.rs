@@ -261,6 +261,16 @@ pub fn run_recipe<B: AutodiffBackend>(recipe: &Recipe, control: &RunControl, dev
         let cfg = recipe.arm_config(arm, if arm.best_context { best.as_deref() } else { None }, refined.as_deref())?;
         let run_dir = cfg.train.out_dir.clone();
         let final_dir = run_dir.join("final");
+        // Resuming is only right for the same settings: never report a run made with others.
+        let saved = run_dir.join("config.toml");
+        if saved.exists() && std::fs::read_to_string(&saved).map_err(|e| cfg_err(&saved, e))? != cfg.to_toml() {
+            return Err(TrainError::Config(format!(
+                "{}: arm `{}` was trained with other settings than the recipe now gives; use another out_dir (or remove {})",
+                saved.display(),
+                arm.name,
+                run_dir.display()
+            )));
+        }
         if !final_dir.join("config.json").exists() {
             let resume = !crate::checkpoint::list_checkpoints(&run_dir).is_empty();
             say(format!("{}: training ({}{})", arm.name, cfg.method.name(), if resume { ", resuming" } else { "" }));

@@ -269,6 +269,18 @@ pub fn run_demo<B: AutodiffBackend>(o: &DemoOptions, control: &RunControl, devic
             o.model.display()
         )));
     }
+    // A rerun resumes; a rerun with other options must not mix its results with the old ones.
+    let stamp = o.out.join("demo-options.json");
+    let options = json!({"model": o.model, "steps": o.steps, "eval_items": o.eval_items, "seed": o.seed}).to_string();
+    match std::fs::read_to_string(&stamp) {
+        Ok(old) if old != options => {
+            return Err(TrainError::Config(format!(
+                "{}: holds a demo run with other options ({old}); use another --out or remove it",
+                o.out.display()
+            )))
+        }
+        _ => write(&stamp, &options)?,
+    }
     let recipe_path = write_demo(o)?;
     let recipe = Recipe::load(&recipe_path, &[])?;
     run_recipe::<B>(&recipe, control, device)?;
