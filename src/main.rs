@@ -841,32 +841,25 @@ impl<B: Backend> Commands for Runner<B> {
     }
 
     fn refine(&self, a: &RefineArgs) -> Result<()> {
-        use opsa_train::refine::{check_template, read_rows, refine, RefineOptions, DEFAULT_TEMPLATE};
         let summary_path = a.out.with_extension("summary.json");
         if a.out.exists() && !a.overwrite {
             bail!("{}: already exists (pass --overwrite to replace it)", a.out.display());
         }
-        let template = match &a.template {
-            Some(p) => std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
-            None => DEFAULT_TEMPLATE.to_string(),
-        };
-        check_template(&template, &a.template.as_ref().map_or("built-in template".into(), |p| p.display().to_string()))?;
+        let template = opsa_train::refine::load_template(a.template.as_deref())?;
         if a.batch_size == 0 || a.max_new_tokens == 0 {
             bail!("--batch-size and --max-new-tokens must be positive");
         }
-        let examples = opsa_train::data::read_examples(&a.data)?;
-        let rows = read_rows(&a.data)?;
+        let input = opsa_train::refine::RefineInput::read(&a.data)?;
         let (model, tok) = open_model::<B>(&a.model, WeightDType::F32, &self.device)?;
         let mut judge = opsa_eval::judge::from_spec::<B>(&a.judge.judge, a.judge.judge_template.as_deref(), &self.device)?;
-        let opts = RefineOptions {
+        let opts = opsa_train::refine::RefineOptions {
             template: &template,
             params: SamplingParams { temperature: a.temperature, max_new_tokens: a.max_new_tokens, seed: a.seed, ..Default::default() },
             batch_size: a.batch_size,
             vars: parse_template_vars(&a.template_vars)?,
             progress: true,
         };
-        let (out_rows, summary) = refine(&model, &tok, &examples, &rows, judge.as_mut(), &opts)?;
-        opsa_train::refine::write_refined(&a.out, &out_rows, &summary)?;
+        let summary = opsa_train::refine::refine_file(&model, &tok, &input, &a.out, judge.as_mut(), &opts)?;
         println!(
             "refined {} of {} examples (fallback rate {:.1}%); mean per-token NLL under the target model {:.4} -> {:.4}",
             summary.refined,

@@ -19,7 +19,7 @@ use opsa_generate::SamplingParams;
 use opsa_models::{load_model, HfTokenizer, LoadOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{apply_override, Method, TrainConfig};
+use crate::config::{apply_override, json_map, Method, TrainConfig};
 use crate::opsa::RunControl;
 use crate::TrainError;
 
@@ -125,13 +125,6 @@ fn cfg_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Config(format!("{}: {e}", path.display()))
 }
 
-fn table_to_json(t: &toml::Table) -> serde_json::Map<String, serde_json::Value> {
-    match serde_json::to_value(t) {
-        Ok(serde_json::Value::Object(m)) => m,
-        _ => Default::default(),
-    }
-}
-
 impl Recipe {
     /// Read a recipe, apply `overrides` (given to every arm), and check every arm's config
     /// loads, so that a mistake in the last arm is found before the first one trains.
@@ -235,7 +228,7 @@ pub fn run_recipe<B: AutodiffBackend>(recipe: &Recipe, control: &RunControl, dev
                     separator: "\n\n".into(),
                     max_new_tokens: f.max_new_tokens,
                     batch_size: f.batch_size,
-                    vars: table_to_json(&f.chat_vars),
+                    vars: json_map(&f.chat_vars),
                 };
                 opsa_eval::flip::flip_rate(&model, &tok, &candidates, &harmful, &benign, judge.as_mut(), &settings, &dir, control.progress)?;
             }
@@ -305,23 +298,17 @@ fn refine_file<B: Backend>(
     progress: bool,
     device: &B::Device,
 ) -> Result<(), TrainError> {
-    use crate::refine::{check_template, read_rows, refine, RefineOptions, DEFAULT_TEMPLATE};
-    let template = match &r.template {
-        Some(p) => std::fs::read_to_string(p).map_err(|e| cfg_err(p, e))?,
-        None => DEFAULT_TEMPLATE.to_string(),
-    };
-    check_template(&template, &r.template.as_ref().map_or("built-in template".into(), |p| p.display().to_string()))?;
-    let examples = crate::data::read_examples(&r.data)?;
-    let rows = read_rows(&r.data)?;
+    let template = crate::refine::load_template(r.template.as_deref())?;
+    let input = crate::refine::RefineInput::read(&r.data)?;
     let (model, _) = load_model::<B>(&recipe.model, &LoadOptions::default(), device)?;
     let tok = HfTokenizer::from_dir(&recipe.model)?;
-    let opts = RefineOptions {
+    let opts = crate::refine::RefineOptions {
         template: &template,
         params: SamplingParams { max_new_tokens: r.max_new_tokens, ..Default::default() },
         batch_size: r.batch_size,
-        vars: table_to_json(&r.chat_vars),
+        vars: json_map(&r.chat_vars),
         progress,
     };
-    let (out_rows, summary) = refine(&model, &tok, &examples, &rows, judge, &opts)?;
-    crate::refine::write_refined(path, &out_rows, &summary)
+    crate::refine::refine_file(&model, &tok, &input, path, judge, &opts)?;
+    Ok(())
 }

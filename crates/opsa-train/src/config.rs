@@ -480,14 +480,19 @@ impl TrainConfig {
 
     /// The template variables as JSON.
     pub fn chat_vars(&self) -> serde_json::Map<String, serde_json::Value> {
-        match serde_json::to_value(&self.chat.vars) {
-            Ok(serde_json::Value::Object(m)) => m,
-            _ => Default::default(),
-        }
+        json_map(&self.chat.vars)
     }
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+/// A TOML table (e.g. chat-template variables) as a JSON object.
+pub fn json_map(t: &toml::Table) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(t) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => Default::default(),
     }
 }
 

@@ -23,6 +23,16 @@ use crate::TrainError;
 /// The built-in rewrite prompt (`configs/refine/dgr-rewrite.txt`).
 pub const DEFAULT_TEMPLATE: &str = include_str!("../../../configs/refine/dgr-rewrite.txt");
 
+/// The rewrite template: the file's text, or the built-in one; checked either way.
+pub fn load_template(path: Option<&Path>) -> Result<String, TrainError> {
+    let template = match path {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| TrainError::Config(format!("{}: {e}", p.display())))?,
+        None => DEFAULT_TEMPLATE.to_string(),
+    };
+    check_template(&template, &path.map_or("built-in template".into(), |p| p.display().to_string()))?;
+    Ok(template)
+}
+
 /// A rewrite template must use `{response}` (or `{reasoning}` and `{answer}`) and `{prompt}`.
 pub fn check_template(template: &str, source: &str) -> Result<(), TrainError> {
     if !template.contains("{prompt}") || !(template.contains("{response}") || template.contains("{answer}")) {
@@ -190,19 +200,17 @@ pub fn refine<B: Backend>(
                     ex.clone()
                 }
             };
-            // 4. The distribution gap: NLL of the response under the target model.
-            for (which, e) in [(0, ex), (1, &kept)] {
+            // 4. The distribution gap: NLL of the response under the target model (a fallback's
+            //    is its original's).
+            let nll_of = |e: &Example| -> Result<(f64, usize), TrainError> {
                 let t = tokenize_example(tok, &opts.vars, &eot, e)?;
                 let lp = score(model, &t.prompt, &t.response)?;
-                let nll: f64 = lp.iter().map(|&x| -(x as f64)).sum();
-                if which == 0 {
-                    nll_before += nll;
-                    tok_before += lp.len();
-                } else {
-                    nll_after += nll;
-                    tok_after += lp.len();
-                }
-            }
+                Ok((lp.iter().map(|&x| -(x as f64)).sum(), lp.len()))
+            };
+            let before = nll_of(ex)?;
+            let after = if kept.response == ex.response { before } else { nll_of(&kept)? };
+            (nll_before, tok_before) = (nll_before + before.0, tok_before + before.1);
+            (nll_after, tok_after) = (nll_after + after.0, tok_after + after.1);
             out_rows.push(row);
         }
         bar.inc(chunk.len() as u64);
@@ -220,6 +228,34 @@ pub fn refine<B: Backend>(
         judge: judge.name(),
     };
     Ok((out_rows, summary))
+}
+
+/// A file to refine: its examples (checked) and its rows as written (carried to the output).
+pub struct RefineInput {
+    pub examples: Vec<Example>,
+    pub rows: Vec<serde_json::Map<String, Value>>,
+}
+
+impl RefineInput {
+    /// Read and check `data` (before any model is loaded, so bad rows fail fast).
+    pub fn read(data: &Path) -> Result<Self, TrainError> {
+        Ok(RefineInput { examples: crate::data::read_examples(data)?, rows: read_rows(data)? })
+    }
+}
+
+/// Refine `input` with `model` and write the refined JSONL to `out` with its summary next to it
+/// (see [`write_refined`]).
+pub fn refine_file<B: Backend>(
+    model: &CausalLm<B>,
+    tok: &HfTokenizer,
+    input: &RefineInput,
+    out: &Path,
+    judge: &mut dyn Judge,
+    opts: &RefineOptions,
+) -> Result<RefineSummary, TrainError> {
+    let (out_rows, summary) = refine(model, tok, &input.examples, &input.rows, judge, opts)?;
+    write_refined(out, &out_rows, &summary)?;
+    Ok(summary)
 }
 
 /// The input rows as JSON objects (their other fields are carried to the output).
