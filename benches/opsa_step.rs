@@ -7,7 +7,8 @@
 //!     python3 benches/opsa_step_torch.py                 # the same step in PyTorch + transformers
 //!
 //! Environment: OPSA_BENCH_BATCH (rollouts, default 4), OPSA_BENCH_PROMPT (default 64),
-//! OPSA_BENCH_NEW (default 128).
+//! OPSA_BENCH_NEW (default 128), OPSA_BENCH_RECOMPUTE (1: activation recompute in the training
+//! pass; its cost in time is the ratio of train_tok_s with 0 and 1).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -49,6 +50,7 @@ fn ids<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
 fn step<B: AutodiffBackend>(name: &str, device: &B::Device) {
     let cfg = config();
     let (b, plen, new) = (env_usize("OPSA_BENCH_BATCH", 4), env_usize("OPSA_BENCH_PROMPT", 64), env_usize("OPSA_BENCH_NEW", 128));
+    let recompute = env_usize("OPSA_BENCH_RECOMPUTE", 0) == 1;
     let mut student = random_model::<B>(&cfg, 0, WeightDType::F32, device).unwrap();
     let teacher = student.valid();
     let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.01).init::<B, opsa_models::CausalLm<B>>();
@@ -77,14 +79,14 @@ fn step<B: AutodiffBackend>(name: &str, device: &B::Device) {
             }
         }
         let ht = teacher.forward_hidden(ids::<B::InnerBackend>(&t_rows, device), &Positions::causal(b, tt), None);
-        let hs = student.forward_hidden(ids::<B>(&s_rows, device), &Positions::causal(b, ts), None);
+        let hs = student.forward_trunk(ids::<B>(&s_rows, device), &Positions::causal(b, ts), recompute);
         let out = backward_chunked(&div, &student, hs, &teacher, ht, &targets, targets.len(), 256);
         student = optim.step(1e-5, student, out.grads);
         let t_train = t1.elapsed().as_secs_f64();
         if round == 1 {
             let tokens = (b * new) as f64;
             println!(
-                "{{\"impl\":\"opsa\",\"backend\":\"{name}\",\"batch\":{b},\"prompt\":{plen},\"new\":{new},\"rollout_tok_s\":{:.1},\"train_tok_s\":{:.1},\"step_s\":{:.3}}}",
+                "{{\"impl\":\"opsa\",\"backend\":\"{name}\",\"batch\":{b},\"prompt\":{plen},\"new\":{new},\"recompute\":{recompute},\"rollout_tok_s\":{:.1},\"train_tok_s\":{:.1},\"step_s\":{:.3}}}",
                 tokens / t_roll,
                 tokens / t_train,
                 t_roll + t_train
@@ -104,7 +106,7 @@ fn step<B: AutodiffBackend>(name: &str, device: &B::Device) {
             }
         }
         let ht = teacher.forward_hidden(ids::<B::InnerBackend>(&rows, device), &Positions::causal(b, len), None);
-        let hs = student.forward_hidden(ids::<B>(&rows, device), &Positions::causal(b, len), None);
+        let hs = student.forward_trunk(ids::<B>(&rows, device), &Positions::causal(b, len), false);
         let base = current_rss_mib();
         reset_peak();
         let out = backward_chunked(&full, &student, hs, &teacher, ht, &targets, targets.len(), chunk);

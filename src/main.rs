@@ -300,6 +300,13 @@ struct TrainArgs {
     /// Continue the run in RUN_DIR from its newest checkpoint.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
+    /// Print the memory plan of this config (weights, masters, moments, gradients, activations,
+    /// KV cache, divergence chunk; needs only the model's config.json) and exit.
+    #[arg(long)]
+    plan: bool,
+    /// With --plan: the longest prompt in tokens (rendered, without the context).
+    #[arg(long, value_name = "N", default_value_t = 256, requires = "plan")]
+    plan_prompt_tokens: usize,
     /// Compute backend (training runs on it with autodiff).
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
@@ -774,6 +781,11 @@ impl<B: Backend> Commands for Runner<B> {
             overrides.push(format!("train.out_dir={}", toml::Value::String(run.display().to_string())));
         }
         let cfg = opsa_train::TrainConfig::load(&config_path, &overrides)?;
+        if a.plan {
+            let plan = opsa_train::plan::memory_plan(&cfg, a.plan_prompt_tokens)?;
+            print!("{}", plan.render());
+            return Ok(());
+        }
         let control = interruptible();
         use opsa_train::config::Method;
         type A<B> = burn::backend::Autodiff<B>;

@@ -182,7 +182,7 @@ impl<B: Backend> Builder<'_, B> {
         }
         let norm = self.norm("model.norm", h, c.rms_norm_eps)?;
         let lm_head = if c.tie_word_embeddings { None } else { Some(self.linear("lm_head", h, c.vocab_size, false)?) };
-        Ok(CausalLm { model: Model { embed_tokens, layers, norm }, lm_head, config: c.clone() })
+        Ok(CausalLm { model: Model { embed_tokens, layers, norm }, lm_head, config: c.clone(), compute_dtype: self.dtype })
     }
 }
 

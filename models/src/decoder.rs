@@ -18,10 +18,16 @@
 //!   padding stay finite.
 //! As in the reference, RMSNorm, the attention softmax and the logits are computed in f32
 //! whatever the weight dtype.
+//!
+//! Mixed precision: the weights may be held in a wider dtype than the one the model computes in
+//! ([`CausalLm::compute_dtype`]). Every weight is then cast to the compute dtype where it is used
+//! (a differentiable cast, so gradients reach the f32 master weights in f32), which is what
+//! PyTorch's FSDP mixed precision and DeepSpeed's bf16 mode do. [`CausalLm::to_compute`] makes a
+//! compute-dtype copy once, for generation.
 
 use std::path::Path;
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
@@ -30,6 +36,15 @@ use crate::{Error, Result};
 
 /// Bias added to masked attention scores (finite, so fully padded rows stay finite).
 pub const MASK_VALUE: f32 = -1.0e9;
+
+/// `t` in `dtype` (no work when it already is).
+fn to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(dtype)
+    }
+}
 
 /// Architecture hyper-parameters, after the family-specific `config.json` was read.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,10 +130,25 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
+    /// Computed in the dtype of `x` (the weight is cast when it is held wider). The leading
+    /// dimensions are flattened first, so the product is one `[n, d_in] × [d_in, d_out]` matrix
+    /// product (and its weight gradient one product too), not a batch of vector products.
+    ///
     /// # Shapes
     /// - x: `[..., d_in]` → `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        let dtype = x.dtype();
+        let mut dims = x.dims();
+        let d_in = dims[D - 1];
+        let n = dims[..D - 1].iter().product::<usize>();
+        let w = to_dtype(self.weight.val(), dtype); // [d_in, d_out]
+        let d_out = w.dims()[1];
+        let mut y = x.reshape([n, d_in]).matmul(w); // [n, d_out]
+        if let Some(b) = &self.bias {
+            y = y + to_dtype(b.val(), dtype).unsqueeze::<2>();
+        }
+        dims[D - 1] = d_out;
+        y.reshape(dims)
     }
 }
 
@@ -139,7 +169,7 @@ impl<B: Backend> RmsNorm<B> {
         let x = x.cast(FloatDType::F32);
         let var = x.clone().square().mean_dim(D - 1);
         let x = x * (var + self.eps).sqrt().recip();
-        x.cast(dtype) * self.weight.val().unsqueeze::<D>()
+        x.cast(dtype) * to_dtype(self.weight.val(), dtype).unsqueeze::<D>()
     }
 }
 
@@ -151,12 +181,14 @@ pub struct Embedding<B: Backend> {
 }
 
 impl<B: Backend> Embedding<B> {
+    /// The selected rows in `dtype`.
+    ///
     /// # Shapes
     /// - ids: `[b, t]` → `[b, t, hidden]`
-    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, dtype: DType) -> Tensor<B, 3> {
         let [b, t] = ids.dims();
         let hidden = self.weight.dims()[1];
-        self.weight.val().select(0, ids.reshape([b * t])).reshape([b, t, hidden])
+        to_dtype(self.weight.val().select(0, ids.reshape([b * t])), dtype).reshape([b, t, hidden])
     }
 }
 
@@ -174,7 +206,9 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-/// Rotary tables for one call: `cos`, `sin` of shape `[b, 1, t, head_dim]`, in the model dtype.
+/// Rotary tables for one call: `cos`, `sin` of shape `[b, t, 1, head_dim]`, in the model dtype
+/// (applied to `[b, t, heads, head_dim]`, before the heads move forward, so the element-wise
+/// products run on contiguous tensors).
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
     pub cos: Tensor<B, 4>,
@@ -202,14 +236,14 @@ impl<B: Backend> Rope<B> {
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        let mk = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [b, 1, t, head_dim]), (device, dtype));
+        let mk = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [b, t, 1, head_dim]), (device, dtype));
         Rope { cos: mk(cos), sin: mk(sin) }
     }
 
     /// `x * cos + rotate_half(x) * sin`, with `rotate_half([x1, x2]) = [-x2, x1]`.
     ///
     /// # Shapes
-    /// - x: `[b, heads, t, head_dim]`
+    /// - x: `[b, t, heads, head_dim]`
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let d = x.dims()[3];
         let x1 = x.clone().narrow(3, 0, d / 2);
@@ -282,13 +316,13 @@ pub struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - x: `[b, t, hidden]`
-    /// - mask: `[b, 1, t, past + t]`, 0 where attention is allowed, [`MASK_VALUE`] where not
+    /// - mask: `[b, 1, 1, t, past + t]` in f32, 0 where attention is allowed, [`MASK_VALUE`] where not
     /// - returns `[b, t, hidden]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        mask: Tensor<B, 4>,
+        mask: Tensor<B, 5>,
         cache: Option<LayerCache<B>>,
     ) -> (Tensor<B, 3>, Option<LayerCache<B>>) {
         let [b, t, _] = x.dims();
@@ -310,9 +344,9 @@ impl<B: Backend> Attention<B> {
             None => k,
         };
 
-        // 3. Heads first, then rotary embedding: [b, heads, t, d].
-        let q = rope.apply(q.swap_dims(1, 2));
-        let k = rope.apply(k.swap_dims(1, 2));
+        // 3. Rotary embedding, then heads first: [b, heads, t, d].
+        let q = rope.apply(q).swap_dims(1, 2);
+        let k = rope.apply(k).swap_dims(1, 2);
         let v = v.swap_dims(1, 2);
 
         // 4. KV cache: write the new positions in place, attend over everything written so far.
@@ -334,8 +368,7 @@ impl<B: Backend> Attention<B> {
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
         let dtype = scores.dtype();
         // 6. Mask and softmax in f32: [b, n_kv, groups, t, L] + [b, 1, 1, t, L].
-        let scores = scores.cast(FloatDType::F32).reshape([b, nkv, groups, t, l])
-            + mask.cast(FloatDType::F32).unsqueeze_dim::<5>(1);
+        let scores = scores.cast(FloatDType::F32).reshape([b, nkv, groups, t, l]) + mask;
         let probs = softmax(scores, 4).cast(dtype).reshape([b, nkv, groups * t, l]);
 
         // 7. Weighted values, heads back together: [b, t, heads * d].
@@ -357,7 +390,7 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        mask: Tensor<B, 4>,
+        mask: Tensor<B, 5>,
         cache: Option<LayerCache<B>>,
     ) -> (Tensor<B, 3>, Option<LayerCache<B>>) {
         let (a, cache) = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
@@ -382,6 +415,10 @@ pub struct CausalLm<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     #[module(skip)]
     pub config: DecoderConfig,
+    /// The dtype activations are computed in. Equal to the weights' dtype, or narrower when the
+    /// weights are f32 master weights of a mixed-precision run.
+    #[module(skip)]
+    pub compute_dtype: DType,
 }
 
 /// Where each token sits: its rotary position and which keys it may attend to.
@@ -397,6 +434,12 @@ pub struct Positions {
 }
 
 impl Positions {
+    /// The additive mask as an f32 tensor `[b, 1, 1, len, keys]`, shaped for the grouped scores
+    /// `[b, n_kv, groups, len, keys]`: built once per forward, shared by every layer.
+    pub fn mask_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 5> {
+        Tensor::from_data(TensorData::new(self.mask.clone(), [self.batch, 1, 1, self.len, self.keys]), (device, DType::F32))
+    }
+
     /// Plain causal attention over `len` tokens at positions `0..len` for every row.
     pub fn causal(batch: usize, len: usize) -> Self {
         let valid = vec![vec![true; len]; batch];
@@ -455,9 +498,45 @@ impl Positions {
     }
 }
 
+/// Casts every floating-point parameter, keeping its id.
+struct CastParams(DType);
+
+impl<B: Backend> ModuleMapper<B> for CastParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let dtype = self.0;
+        param.map(|t| to_dtype(t, dtype))
+    }
+}
+
 impl<B: Backend> CausalLm<B> {
+    /// The dtype the model computes in (activations, KV cache); see [`Self::compute_dtype`].
     pub fn dtype(&self) -> DType {
+        self.compute_dtype
+    }
+
+    /// The dtype the weights are held in (f32 for the master weights of a mixed-precision run).
+    pub fn weight_dtype(&self) -> DType {
         self.model.norm.weight.val().dtype()
+    }
+
+    /// Compute in `dtype` while the weights stay as they are held.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// A copy whose weights are held in the compute dtype (no cast per use): what generation
+    /// runs on. Parameter ids are kept.
+    pub fn to_compute(&self) -> Self {
+        if self.weight_dtype() == self.compute_dtype {
+            return self.clone();
+        }
+        self.clone().map(&mut CastParams(self.compute_dtype))
+    }
+
+    /// A copy whose weights are held in `dtype` (and which computes in it).
+    pub fn cast_weights(&self, dtype: DType) -> Self {
+        self.clone().map(&mut CastParams(dtype)).with_compute_dtype(dtype)
     }
 
     pub fn device(&self) -> B::Device {
@@ -474,12 +553,12 @@ impl<B: Backend> CausalLm<B> {
         let dtype = self.dtype();
         let c = &self.config;
         let rope = Rope::new(&pos.positions, b, t, c.head_dim, c.rope_theta, dtype, &device);
-        let mask = Tensor::<B, 4>::from_data(TensorData::new(pos.mask.clone(), [b, 1, t, pos.keys]), (&device, dtype));
+        let mask = pos.mask_tensor::<B>(&device);
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
         // Move each layer's cache tensors out and back, so they are updated in place.
         let mut taken = cache.as_mut().map(|c| std::mem::take(&mut c.layers).into_iter());
         let mut updated = Vec::new();
-        let mut x = self.model.embed_tokens.forward(ids);
+        let mut x = self.model.embed_tokens.forward(ids, dtype);
         for layer in &self.model.layers {
             let layer_cache = taken.as_mut().and_then(|it| it.next()).map(|(k, v)| LayerCache { k, v, past });
             let (y, c) = layer.forward(x, &rope, mask.clone(), layer_cache);
@@ -500,7 +579,14 @@ impl<B: Backend> CausalLm<B> {
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze::<3>()),
+            None => {
+                // A 2-D product on the transposed view: backends pass its strides to the matrix
+                // product, where a 3-D reshape of the view would copy the whole embedding.
+                let [b, t, h] = hidden.dims();
+                let emb = to_dtype(self.model.embed_tokens.weight.val(), hidden.dtype()); // [vocab, hidden]
+                let vocab = emb.dims()[0];
+                hidden.reshape([b * t, h]).matmul(emb.transpose()).reshape([b, t, vocab])
+            }
         };
         logits.cast(FloatDType::F32)
     }

@@ -16,6 +16,7 @@ pub mod decoder;
 pub mod qwen2;
 pub mod qwen3;
 pub mod tokenizer;
+pub mod trunk;
 
 mod config;
 mod error;
@@ -25,3 +26,4 @@ pub use config::{ModelConfig, WeightDType};
 pub use decoder::{CausalLm, DecoderConfig, KvCache};
 pub use error::{Error, Result};
 pub use tokenizer::{ChatMessage, HfTokenizer};
+pub use trunk::Trunk;

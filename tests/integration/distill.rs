@@ -223,7 +223,7 @@ fn chunked_gradients_equal_unchunked() {
             }
         }
         for div in [Divergence::default(), Divergence { kind: DivergenceKind::Reverse, top_k: None, ..Default::default() }] {
-            let chunked = backward_chunked(&div, &student, hs(), &teacher, ht.clone(), &targets, 10, 3);
+            let chunked = backward_chunked(&div, &student, opsa_models::Trunk::from_hidden(hs()), &teacher, ht.clone(), &targets, 10, 3);
             let full = loss_unchunked(&div, &student, hs(), &teacher, ht.clone(), &targets, 10);
             let full_loss = full.clone().into_scalar() as f64;
             let full_grads = GradientsParams::from_grads(full.backward(), &student);

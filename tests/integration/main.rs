@@ -7,6 +7,7 @@ mod baselines;
 mod distill;
 mod eval;
 mod parity;
+mod precision;
 mod tokenizer;
 mod toy;
 mod train;

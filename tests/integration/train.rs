@@ -16,12 +16,12 @@ use opsa_train::{train_opsa, RunControl, TrainError};
 
 type B = Autodiff<NdArray>;
 
-fn root() -> PathBuf {
+pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The tiny test config with paths made absolute and the output in `out`.
-fn config(out: &Path, extra: &[&str]) -> Result<TrainConfig, TrainError> {
+pub fn config(out: &Path, extra: &[&str]) -> Result<TrainConfig, TrainError> {
     let r = root();
     let mut sets = vec![
         format!("model.path=\"{}\"", r.join("tests/fixtures/qwen3-tiny").display()),
@@ -32,7 +32,7 @@ fn config(out: &Path, extra: &[&str]) -> Result<TrainConfig, TrainError> {
     TrainConfig::load(&r.join("configs/test-opsa-tiny.toml"), &sets)
 }
 
-fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+pub fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let (m, _) = load_model::<NdArray>(dir, &LoadOptions::default(), &Default::default()).unwrap();
     hf_tensors(&m).into_iter().map(|t| (t.name, t.data)).collect()
 }

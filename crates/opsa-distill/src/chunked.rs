@@ -5,12 +5,14 @@
 //! because the graph keeps every chunk's intermediates until `backward`. So the loss is split
 //! at the final hidden states (the "detach trick"):
 //!
-//! 1. the student trunk runs once with autodiff, giving hidden states `h` `[b, t, hidden]`;
+//! 1. the student trunk runs once with autodiff, giving hidden states `h` `[b, t, hidden]`
+//!    (a [`Trunk`]: with activation recompute it keeps only each layer's input);
 //! 2. `h` is detached into a leaf `h'`; for each chunk of response positions, the student head,
 //!    the teacher head and the divergence run on `h'[chunk]`, and that chunk's loss is
 //!    back-propagated at once, giving `∂L/∂h'[chunk]` and the head's gradient; the chunk's
 //!    `[chunk, vocab]` tensors are freed before the next chunk;
-//! 3. one more backward of `Σ h ⊙ sg(∂L/∂h')` through the trunk gives the trunk's gradients.
+//! 3. one more backward of `Σ h ⊙ sg(∂L/∂h')` through the trunk gives the trunk's gradients
+//!    ([`CausalLm::backward_trunk`], one layer at a time with recompute).
 //!
 //! Peak memory of the divergence is then `O(chunk · vocab)`, independent of the sequence length,
 //! and the gradients equal those of the unchunked loss ([`loss_unchunked`], tested).
@@ -19,7 +21,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
-use opsa_models::CausalLm;
+use opsa_models::{CausalLm, Trunk};
 
 use crate::divergence::{cross_entropy, ppo_clip, token_mean, Divergence, PerToken};
 
@@ -126,39 +128,40 @@ fn per_token_range<B: AutodiffBackend>(
 /// Chunked loss and gradients of a divergence (see the module docs).
 ///
 /// # Shapes
-/// - student_hidden: `[b, t_s, hidden]`, with the autodiff graph of the student trunk
+/// - student_trunk: hidden `[b, t_s, hidden]`, from [`CausalLm::forward_trunk`]
 /// - teacher_hidden: `[b_t, t_t, hidden]`, constant
 #[allow(clippy::too_many_arguments)]
 pub fn backward_chunked<B: AutodiffBackend>(
     div: &Divergence,
     student: &CausalLm<B>,
-    student_hidden: Tensor<B, 3>,
+    student_trunk: Trunk<B>,
     teacher: &CausalLm<B::InnerBackend>,
     teacher_hidden: Tensor<B::InnerBackend, 3>,
     targets: &Targets,
     step_tokens: usize,
     chunk: usize,
 ) -> DistillGrads {
-    backward_objective(&Objective::Distill(div), student, student_hidden, Some((teacher, teacher_hidden)), targets, step_tokens, chunk)
+    backward_objective(&Objective::Distill(div), student, student_trunk, Some((teacher, teacher_hidden)), targets, step_tokens, chunk)
 }
 
 /// Chunked loss and gradients of any [`Objective`]; `teacher` is needed by `Distill` only.
 pub fn backward_objective<B: AutodiffBackend>(
     obj: &Objective,
     student: &CausalLm<B>,
-    student_hidden: Tensor<B, 3>,
+    student_trunk: Trunk<B>,
     teacher: Option<(&CausalLm<B::InnerBackend>, Tensor<B::InnerBackend, 3>)>,
     targets: &Targets,
     step_tokens: usize,
     chunk: usize,
 ) -> DistillGrads {
     let device = student.device();
-    let hs = flat(student_hidden);
+    let [b, t, d] = student_trunk.hidden.dims();
+    let hs = flat(student_trunk.hidden.clone());
     let teacher = teacher.map(|(m, h)| (m, flat(h)));
     // 2. A leaf cut at the hidden states: chunks back-propagate into it and into the head only.
-    let leaf = hs.clone().detach().require_grad();
-    let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
     let mut grad_h: Tensor<B::InnerBackend, 2> = Tensor::zeros(hs.dims(), (&device, hs.dtype()));
+    let leaf = hs.detach().require_grad();
+    let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
     let (mut loss, mut values, mut entropy) = (0.0, Vec::with_capacity(targets.len()), Vec::with_capacity(targets.len()));
     let chunk = chunk.max(1);
     for start in (0..targets.len()).step_by(chunk) {
@@ -179,9 +182,8 @@ pub fn backward_objective<B: AutodiffBackend>(
         acc.accumulate(student, GradientsParams::from_module(&mut grads, student));
     }
     // 3. The trunk: d/dθ Σ h ⊙ sg(∂L/∂h) = (∂L/∂h) · ∂h/∂θ.
-    let surrogate = (hs * Tensor::<B, 2>::from_inner(grad_h)).sum();
-    let grads = surrogate.backward();
-    acc.accumulate(student, GradientsParams::from_grads(grads, student));
+    drop(leaf);
+    acc.accumulate(student, student.backward_trunk(student_trunk, grad_h.reshape([b, t, d])));
     DistillGrads { grads: acc.grads(), loss, values, entropy }
 }
 

@@ -1,5 +1,6 @@
 //! Training checkpoints: `RUN_DIR/checkpoints/step-NNNNNN/` holding the model as a Hugging Face
-//! folder (`model/`), the optimiser state (`optimizer.bin`, full precision) and `state.json`
+//! folder (`model/`, in `model.save_dtype`), the f32 master weights as another (`masters/`, only
+//! when `model/` is narrower than f32), the optimiser state (`optimizer.bin`, full precision) and `state.json`
 //! (step, seed, counters). Each checkpoint is written under a temporary name and renamed into
 //! place, so a crash or Ctrl-C never leaves a half-written one; the newest complete checkpoint
 //! is what `--resume` picks up.
@@ -63,7 +64,11 @@ pub fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     let write = || -> Result<(), TrainError> {
-        save_model(&model.valid(), model_config, Some(side_files), &tmp.join("model"), dtype, false)?;
+        let weights = model.valid();
+        save_model(&weights, model_config, Some(side_files), &tmp.join("model"), dtype, false)?;
+        if dtype != WeightDType::F32 {
+            save_model(&weights, model_config, Some(side_files), &tmp.join("masters"), WeightDType::F32, false)?;
+        }
         BinFileRecorder::<FullPrecisionSettings>::new()
             .record(optim.to_record(), tmp.join("optimizer"))
             .map_err(|e| io(&tmp.join("optimizer.bin"), e))?;

@@ -76,13 +76,24 @@ pub struct TrainConfig {
 pub struct ModelSection {
     /// Hugging Face folder of the student; the frozen teacher is its initial weights.
     pub path: PathBuf,
-    /// `f32` or `bf16` (GPU).
+    /// The compute dtype: `f32`, or `bf16` (flex, wgpu, cuda). Trained weights are always held
+    /// as f32 master weights with f32 optimiser state; with `bf16` the forward and backward
+    /// passes run on bf16 copies of them (mixed precision). Frozen models (teachers) are held in
+    /// this dtype.
     #[serde(default = "f32_name")]
     pub dtype: String,
+    /// How `final/` and the checkpoints' `model/` folders are written: `auto` (the dtype of the
+    /// loaded checkpoint), `f32` or `bf16`. Checkpoints keep the f32 masters besides (`masters/`)
+    /// when this is narrower, so resume is exact.
+    #[serde(default = "auto_name")]
+    pub save_dtype: String,
 }
 
 fn f32_name() -> String {
     "f32".into()
+}
+fn auto_name() -> String {
+    "auto".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -383,6 +394,11 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     #[serde(default)]
     pub seed: u64,
+    /// Activation recompute: keep only each layer's input in the forward pass and recompute one
+    /// layer at a time in the backward pass (peak activation memory of one layer, about one
+    /// more forward pass of compute). Gradients are unchanged.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 fn one() -> usize {
@@ -441,6 +457,10 @@ impl TrainConfig {
         }
         self.divergence.divergence()?;
         WeightDType::parse(&self.model.dtype).map_err(|e| TrainError::Config(format!("model.dtype: {e}")))?;
+        if self.model.save_dtype != "auto" {
+            WeightDType::parse(&self.model.save_dtype)
+                .map_err(|e| TrainError::Config(format!("model.save_dtype: {e}; or `auto` (the dtype of the loaded checkpoint)")))?;
+        }
         let m = self.method.name();
         let c = &self.context;
         if self.method.needs_context() {
@@ -474,8 +494,21 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The compute dtype (`model.dtype`).
     pub fn dtype(&self) -> WeightDType {
         WeightDType::parse(&self.model.dtype).expect("validated")
+    }
+
+    /// The dtype `final/` and checkpoint model folders are written in (`model.save_dtype`;
+    /// `auto`: the dtype `config.json` of `model.path` records, else the compute dtype).
+    pub fn save_dtype(&self) -> WeightDType {
+        match self.model.save_dtype.as_str() {
+            "auto" => opsa_models::ModelConfig::from_file(&self.model.path.join("config.json"))
+                .ok()
+                .and_then(|c| opsa_models::checkpoint::config_dtype(&c))
+                .unwrap_or(self.dtype()),
+            s => WeightDType::parse(s).expect("validated"),
+        }
     }
 
     /// The template variables as JSON.

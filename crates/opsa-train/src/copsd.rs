@@ -15,7 +15,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
 use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::AutodiffBackend;
 use opsa_distill::{backward_objective, token_logprobs, Contexts, Label, Objective, Pair, Targets};
@@ -168,7 +167,7 @@ pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control:
         let batch_prompts = step_batch(n, batch, step, cfg.train.seed, cfg.data.shuffle);
         let jobs: Vec<usize> = batch_prompts.iter().flat_map(|&i| std::iter::repeat(i).take(g)).collect();
         let group: Vec<usize> = (0..jobs.len()).map(|k| k / g).collect();
-        let policy = student.valid();
+        let policy = crate::run::policy(&student);
         let seed = step_seed(cfg.train.seed, step);
         let rollouts = rollouts_of(&policy, jobs.iter().map(|&i| pairs[i].student_prompt.clone()).collect(), seed)?;
         let t_rollout = t0.elapsed().as_secs_f64();
@@ -213,7 +212,7 @@ pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control:
                 let adv: Vec<f32> = mb.iter().flat_map(|&k| advantages[k].iter().copied()).collect();
                 let old: Vec<f32> = mb.iter().flat_map(|&k| old_lp[k].iter().copied()).collect();
                 let (s_ids, _) = padded::<B>(&s_seqs, device);
-                let hs = student.forward_hidden(s_ids, &Positions::causal(mb.len(), s_t), None);
+                let hs = student.forward_trunk(s_ids, &Positions::causal(mb.len(), s_t), cfg.train.recompute);
                 let obj = Objective::Ppo { advantages: &adv, old_logprobs: &old, clip: cfg.copsd.ppo_clip };
                 let out = backward_objective(&obj, &student, hs, None, &targets, step_tokens, chunk);
                 loss += out.loss;
@@ -321,7 +320,7 @@ fn cold_start<B: AutodiffBackend>(
     control: &RunControl,
     device: &B::Device,
 ) -> Result<CausalLm<B::InnerBackend>, TrainError> {
-    let (mut model, _) = load_model::<B>(&cfg.model.path, &LoadOptions { dtype: cfg.dtype() }, device)?;
+    let (mut model, _) = crate::run::load_trainable::<B>(&cfg.model.path, cfg, device)?;
     let mut optim = adamw(&cfg.optim).init::<B, CausalLm<B>>();
     let (n, batch) = (data.len(), cfg.train.batch_size);
     let steps = cfg.copsd.cold_start_epochs * n.div_ceil(batch);
@@ -348,7 +347,7 @@ fn cold_start<B: AutodiffBackend>(
                     targets.tokens.push(y);
                 }
             }
-            let hs = model.forward_hidden(ids, &Positions::causal(mb.len(), t), None);
+            let hs = model.forward_trunk(ids, &Positions::causal(mb.len(), t), cfg.train.recompute);
             let out = backward_objective(&Objective::CrossEntropy, &model, hs, None, &targets, step_tokens, cfg.divergence.chunk_size);
             loss += out.loss;
             acc.accumulate(&model, out.grads);
@@ -362,5 +361,5 @@ fn cold_start<B: AutodiffBackend>(
     }
     bar.finish_and_clear();
     std::fs::write(&log_path, log).map_err(|e| TrainError::Io(format!("{}: {e}", log_path.display())))?;
-    Ok(model.valid())
+    Ok(crate::run::policy(&model))
 }

@@ -9,6 +9,7 @@ pub mod data;
 pub mod copsd;
 pub mod opsa;
 pub mod optim;
+pub mod plan;
 pub mod refine;
 pub mod run;
 pub mod schedule;

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
 use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use opsa_distill::{backward_chunked, Contexts, Label, Pair, Targets};
@@ -17,7 +16,7 @@ use serde::Serialize;
 
 use crate::config::{step_seed, TrainConfig};
 use crate::data::{check_rollouts_fit, read_prompts, step_batch};
-use crate::run::{check_fresh, generate_all, mean, optimizer_step, padded, Next, Run};
+use crate::run::{check_fresh, generate_all, mean, optimizer_step, padded, policy, Next, Run};
 use crate::schedule::{cosine_with_warmup, warmup_steps};
 use crate::TrainError;
 
@@ -127,11 +126,11 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
             .collect();
 
         // ---- 2. Student rollouts, without autodiff. ----
-        let policy = student.valid();
+        let weights = policy(&student);
         let ids: Vec<Vec<u32>> = jobs.iter().map(|&i| pairs[i].student_prompt.clone()).collect();
         let params = cfg.rollout.params(step_seed(cfg.train.seed, step));
-        let rollouts: Vec<Generation> = generate_all(&policy, &ids, cfg.rollout.batch_size, &params, &tok)?;
-        drop(policy);
+        let rollouts: Vec<Generation> = generate_all(&weights, &ids, cfg.rollout.batch_size, &params, &tok)?;
+        drop(weights);
         let t_rollout = t0.elapsed().as_secs_f64();
         // The objective is the token mean over the whole step, whatever the micro-batching.
         let step_tokens: usize = rollouts.iter().map(|g| g.token_ids.len()).sum();
@@ -161,7 +160,7 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
             }
             let m = mb.len();
             let ht = teacher.forward_hidden(t_ids, &Positions::causal(m, tt), None);
-            let hs = student.forward_hidden(s_ids, &Positions::causal(m, ts), None);
+            let hs = student.forward_trunk(s_ids, &Positions::causal(m, ts), cfg.train.recompute);
             let out = backward_chunked(&divergence, &student, hs, &teacher, ht, &targets, step_tokens, cfg.divergence.chunk_size);
             loss += out.loss;
             let mut at = 0;

@@ -39,7 +39,7 @@ pub struct Run {
     pub total: usize,
     model_dir: PathBuf,
     model_config: ModelConfig,
-    dtype: WeightDType,
+    save_dtype: WeightDType,
     keep: usize,
     save_every: usize,
     batch: usize,
@@ -67,6 +67,26 @@ pub fn check_fresh(cfg: &TrainConfig, resume: bool) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// Load a model to train: f32 master weights (f32 optimiser state follows) that compute in
+/// `model.dtype` (mixed precision with `bf16`: every weight is cast where it is used, so the
+/// gradients reach the masters in f32 and an update below half a bf16 ulp is kept).
+pub fn load_trainable<B: AutodiffBackend>(dir: &Path, cfg: &TrainConfig, device: &B::Device) -> Result<(CausalLm<B>, ModelConfig), TrainError> {
+    let compute = cfg.dtype();
+    if !B::supports_dtype(device, compute.burn()) {
+        return Err(TrainError::Config(format!(
+            "model.dtype = \"{}\" is not supported by this backend; use f32 here (bf16 runs on the flex, cuda and wgpu backends)",
+            cfg.model.dtype
+        )));
+    }
+    let (model, config) = load_model::<B>(dir, &LoadOptions { dtype: WeightDType::F32 }, device)?;
+    Ok((model.with_compute_dtype(compute.burn()), config))
+}
+
+/// The weights generation runs on: the masters without autodiff, cast once to the compute dtype.
+pub fn policy<B: AutodiffBackend>(student: &CausalLm<B>) -> CausalLm<B::InnerBackend> {
+    student.valid().to_compute()
+}
+
 impl Run {
     /// Open the run folder and the student with its optimiser: fresh from `cfg.model.path`, or
     /// from the newest checkpoint with `resume`. `total` is the number of optimiser steps.
@@ -79,17 +99,18 @@ impl Run {
     ) -> Result<(Run, CausalLm<B>, Optim<B>), TrainError> {
         check_fresh(cfg, resume)?;
         let dir = cfg.train.out_dir.clone();
-        let dtype = cfg.dtype();
         let mut optim = adamw(&cfg.optim).init::<B, CausalLm<B>>();
         let (student, model_config, state) = if resume {
             let (_, ckpt) = list_checkpoints(&dir).pop().expect("checked");
             let state = read_state(&ckpt)?;
-            let (student, model_config) = load_model::<B>(&ckpt.join("model"), &LoadOptions { dtype }, device)?;
+            // The f32 masters: `masters/` when the model folder was written narrower.
+            let masters = if ckpt.join("masters").is_dir() { ckpt.join("masters") } else { ckpt.join("model") };
+            let (student, model_config) = load_trainable::<B>(&masters, cfg, device)?;
             optim = load_optimizer(&ckpt, optim, device)?;
             tracing::info!("resuming {} at step {}", dir.display(), state.step);
             (student, model_config, state)
         } else {
-            let (student, model_config) = load_model::<B>(&cfg.model.path, &LoadOptions { dtype }, device)?;
+            let (student, model_config) = load_trainable::<B>(&cfg.model.path, cfg, device)?;
             (student, model_config, TrainState { total_steps: total, seed: cfg.train.seed, ..Default::default() })
         };
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
@@ -115,7 +136,7 @@ impl Run {
             total,
             model_dir: cfg.model.path.clone(),
             model_config,
-            dtype,
+            save_dtype: cfg.save_dtype(),
             keep: cfg.train.keep_checkpoints,
             save_every: cfg.train.save_every,
             batch: cfg.train.batch_size,
@@ -165,7 +186,7 @@ impl Run {
         let stop_here = control.stop_after == Some(s.step);
         let periodic = self.save_every > 0 && s.step % self.save_every == 0;
         if periodic || interrupted || stop_here || s.step == self.total {
-            save_checkpoint(&self.dir, s, student, &self.model_config, &self.model_dir, self.dtype, optim, self.keep)?;
+            save_checkpoint(&self.dir, s, student, &self.model_config, &self.model_dir, self.save_dtype, optim, self.keep)?;
         }
         if interrupted {
             self.bar.abandon();
@@ -186,7 +207,7 @@ impl Run {
     pub fn finish<B: AutodiffBackend>(self, student: &CausalLm<B>) -> Result<PathBuf, TrainError> {
         self.bar.finish();
         let final_dir = self.dir.join("final");
-        save_model(&student.valid(), &self.model_config, Some(&self.model_dir), &final_dir, self.dtype, true)?;
+        save_model(&student.valid(), &self.model_config, Some(&self.model_dir), &final_dir, self.save_dtype, true)?;
         Ok(final_dir)
     }
 }

@@ -352,7 +352,7 @@ pub fn train_on_examples<B: AutodiffBackend>(
             let (ids, t_pad) = padded::<B>(&seqs, device);
             debug_assert_eq!(t_pad, t);
             let pos = if cfg.data.packing { Positions::packed(&segments, t) } else { Positions::causal(rows.len(), t) };
-            let hs = student.forward_hidden(ids.clone(), &pos, None); // [rows, t, hidden]
+            let hs = student.forward_trunk(ids.clone(), &pos, cfg.train.recompute); // [rows, t, hidden]
             let out = match &teacher {
                 None => backward_objective(&Objective::CrossEntropy, &student, hs, None, &targets, step_tokens, cfg.divergence.chunk_size),
                 Some((tm, div)) => {
