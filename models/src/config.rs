@@ -1,10 +1,11 @@
-//! `config.json` dispatch on `model_type`, and the checks shared by both families.
+//! `config.json` dispatch on `model_type`, and the checks shared by the families.
 
 use std::path::Path;
 
 use serde_json::Value;
 
 use crate::decoder::DecoderConfig;
+use crate::llama::LlamaConfig;
 use crate::qwen2::Qwen2Config;
 use crate::qwen3::Qwen3Config;
 use crate::{Error, Result};
@@ -15,6 +16,7 @@ use crate::{Error, Result};
 pub enum ModelConfig {
     Qwen2(Qwen2Config, Value),
     Qwen3(Qwen3Config, Value),
+    Llama(LlamaConfig, Value),
 }
 
 /// The dtype weights are held in during a run (`--dtype`).
@@ -66,10 +68,11 @@ impl ModelConfig {
         let cfg = match model_type {
             "qwen2" => ModelConfig::Qwen2(parse(&raw, path)?, raw.clone()),
             "qwen3" => ModelConfig::Qwen3(parse(&raw, path)?, raw.clone()),
+            "llama" => ModelConfig::Llama(parse(&raw, path)?, raw.clone()),
             other => {
                 return Err(Error::invalid(
                     path,
-                    format!("unsupported model_type `{other}` (opsa implements `qwen2` and `qwen3`)"),
+                    format!("unsupported model_type `{other}` (opsa implements `qwen2`, `qwen3` and `llama`)"),
                 ))
             }
         };
@@ -82,6 +85,7 @@ impl ModelConfig {
         let d = match self {
             ModelConfig::Qwen2(c, raw) => c.decoder(raw, path)?,
             ModelConfig::Qwen3(c, raw) => c.decoder(raw, path)?,
+            ModelConfig::Llama(c, raw) => c.decoder(raw, path)?,
         };
         d.validate(path)?;
         Ok(d)
@@ -89,7 +93,7 @@ impl ModelConfig {
 
     pub fn raw(&self) -> &Value {
         match self {
-            ModelConfig::Qwen2(_, raw) | ModelConfig::Qwen3(_, raw) => raw,
+            ModelConfig::Qwen2(_, raw) | ModelConfig::Qwen3(_, raw) | ModelConfig::Llama(_, raw) => raw,
         }
     }
 
@@ -110,36 +114,6 @@ pub(crate) fn ids_of(v: Option<&Value>) -> Vec<u32> {
         Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
         _ => vec![],
     }
-}
-
-/// RoPE theta from either the classic fields (`rope_theta`, `rope_scaling`) or the newer
-/// `rope_parameters` block (transformers >= 5). Only the default (unscaled) rotary embedding is
-/// implemented; any scaling type is rejected rather than silently ignored.
-pub(crate) fn rope_theta(raw: &Value, default: f64, path: &Path) -> Result<f64> {
-    let mut theta = raw.get("rope_theta").and_then(Value::as_f64);
-    for key in ["rope_scaling", "rope_parameters"] {
-        match raw.get(key) {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(m)) => {
-                let kind = m
-                    .get("rope_type")
-                    .or_else(|| m.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
-                if kind != "default" {
-                    return Err(Error::invalid(
-                        path,
-                        format!("{key}: rope type `{kind}` is not supported (only the default rotary embedding is)"),
-                    ));
-                }
-                if let Some(t) = m.get("rope_theta").and_then(Value::as_f64) {
-                    theta = Some(t);
-                }
-            }
-            Some(other) => return Err(Error::invalid(path, format!("{key}: expected an object, found {other}"))),
-        }
-    }
-    Ok(theta.unwrap_or(default))
 }
 
 /// Sliding-window attention that would actually change any layer's attention is rejected.

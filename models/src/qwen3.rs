@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::{check_act, check_no_sliding_window, rope_theta};
+use crate::config::{check_act, check_no_sliding_window};
 use crate::decoder::DecoderConfig;
 use crate::qwen2::silu;
 use crate::Result;
@@ -41,6 +41,7 @@ impl Qwen3Config {
     pub fn decoder(&self, raw: &Value, path: &Path) -> Result<DecoderConfig> {
         check_act(&self.hidden_act, path)?;
         check_no_sliding_window(raw, self.num_hidden_layers, self.max_position_embeddings, path)?;
+        let (rope_theta, rope_scaling) = crate::rope::from_raw(raw, 1_000_000.0, path)?;
         Ok(DecoderConfig {
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
@@ -51,10 +52,12 @@ impl Qwen3Config {
             head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             max_position_embeddings: self.max_position_embeddings,
             rms_norm_eps: self.rms_norm_eps,
-            rope_theta: rope_theta(raw, 1_000_000.0, path)?,
+            rope_theta,
+            rope_scaling,
             tie_word_embeddings: self.tie_word_embeddings,
             qkv_bias: self.attention_bias,
             o_bias: self.attention_bias,
+            mlp_bias: false,
             qk_norm: true,
         })
     }

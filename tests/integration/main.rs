@@ -6,6 +6,7 @@ mod cli;
 mod baselines;
 mod distill;
 mod eval;
+mod llama;
 mod parity;
 mod precision;
 mod tokenizer;
