@@ -10,12 +10,14 @@
 //!   names (`model.layers.0.self_attn.q_proj.weight`, ...).
 //! - [`checkpoint`] reads and writes safetensors (single file or sharded) and whole HF folders.
 //! - [`tokenizer`] wraps `tokenizer.json`, the chat template and the EOS ids.
+//! - [`prompt`] reads prompts files: plain `prompt` text or `messages` conversations.
 //!
 //! All model code is generic over `B: Backend`.
 
 pub mod checkpoint;
 pub mod decoder;
 pub mod llama;
+pub mod prompt;
 pub mod qwen2;
 pub mod qwen3;
 pub mod rope;
@@ -29,5 +31,6 @@ pub use checkpoint::{load_model, save_model, LoadOptions};
 pub use config::{ModelConfig, WeightDType};
 pub use decoder::{CausalLm, DecoderConfig, KvCache};
 pub use error::{Error, Result};
+pub use prompt::Prompt;
 pub use tokenizer::{ChatMessage, HfTokenizer};
 pub use trunk::Trunk;

@@ -24,7 +24,7 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use opsa_distill::{Contexts, Label, Placement};
 use opsa_generate::{generate, SamplingParams};
-use opsa_models::{CausalLm, ChatMessage, HfTokenizer};
+use opsa_models::{CausalLm, HfTokenizer, Prompt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -96,8 +96,8 @@ pub fn flip_rate<B: Backend>(
     model: &CausalLm<B>,
     tok: &HfTokenizer,
     candidates: &[Candidate],
-    harmful_prompts: &[String],
-    benign_prompts: &[String],
+    harmful_prompts: &[Prompt],
+    benign_prompts: &[Prompt],
     judge: &mut dyn Judge,
     settings: &FlipSettings,
     out: &Path,
@@ -139,7 +139,7 @@ pub fn flip_rate<B: Backend>(
             .map(|(_, c, i, benign)| {
                 let q = if *benign { &benign_prompts[*i] } else { &harmful_prompts[*i] };
                 let msgs = match c {
-                    None => vec![ChatMessage::user(q)],
+                    None => q.messages(),
                     Some(c) => Contexts {
                         harmful: c.context.clone(),
                         benign: c.context.clone(),
@@ -166,7 +166,7 @@ pub fn flip_rate<B: Backend>(
     // Judge every harmful-prompt response once (baseline and each harmful context).
     let judge_set = |id: &str| -> Result<Vec<Option<bool>>, EvalError> {
         let pairs: Vec<(String, String)> =
-            (0..harmful_prompts.len()).map(|i| (harmful_prompts[i].clone(), cache[&(id.to_string(), i, false)].clone())).collect();
+            (0..harmful_prompts.len()).map(|i| (harmful_prompts[i].request().to_string(), cache[&(id.to_string(), i, false)].clone())).collect();
         Ok(judge.judge(&pairs)?.into_iter().map(|j| j.harmful).collect())
     };
     let mut judge_set = judge_set;

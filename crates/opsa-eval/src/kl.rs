@@ -10,7 +10,7 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use opsa_distill::{response_divergence, Contexts, Divergence, Label, Pair};
 use opsa_generate::{generate, SamplingParams};
-use opsa_models::{CausalLm, HfTokenizer};
+use opsa_models::{CausalLm, HfTokenizer, Prompt};
 use serde_json::json;
 
 use crate::plot::lines;
@@ -24,7 +24,7 @@ pub fn analyze_kl<B: Backend>(
     teacher: &CausalLm<B>,
     tok: &HfTokenizer,
     contexts: &Contexts,
-    prompts: &[(String, Label)],
+    prompts: &[(Prompt, Label)],
     vars: &serde_json::Map<String, serde_json::Value>,
     div: &Divergence,
     params: &SamplingParams,
@@ -58,7 +58,7 @@ pub fn analyze_kl<B: Backend>(
         let gens = generate(student, &ids, &index, params, tok.eos_ids(), Some(tok))?;
         for (&k, g) in chunk.iter().zip(gens) {
             let v = response_divergence(div, student, teacher, &pairs[k], &g.token_ids);
-            let line = json!({ "index": k, "prompt": prompts[k].0, "response": g.text, "token_ids": g.token_ids, "divergence": v });
+            let line = json!({ "index": k, "prompt": prompts[k].0.to_json(), "response": g.text, "token_ids": g.token_ids, "divergence": v });
             writeln!(file, "{line}").map_err(|e| EvalError::Io(e.to_string()))?;
             done.insert(k, (g.token_ids, v));
             bar.inc(1);
