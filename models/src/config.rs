@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::decoder::DecoderConfig;
@@ -116,8 +117,59 @@ pub(crate) fn ids_of(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// The `config.json` fields every family shares (names verbatim from Hugging Face); each family's
+/// struct flattens it in and adds its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommonConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+}
+
+fn silu() -> String {
+    "silu".into()
+}
+
+impl CommonConfig {
+    /// The checks every family runs (activation, sliding window, rope) and the decoder they
+    /// describe with every family switch off; `head_dim` defaults to `hidden_size / heads`,
+    /// `default_theta` is the family's `rope_theta` when the file names none.
+    pub(crate) fn decoder(&self, raw: &Value, path: &Path, head_dim: Option<usize>, default_theta: f64) -> Result<DecoderConfig> {
+        check_act(&self.hidden_act, path)?;
+        check_no_sliding_window(raw, self.num_hidden_layers, self.max_position_embeddings, path)?;
+        let (rope_theta, rope_scaling) = crate::rope::from_raw(raw, default_theta, path)?;
+        Ok(DecoderConfig {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim: head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            max_position_embeddings: self.max_position_embeddings,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: self.tie_word_embeddings,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            qk_norm: false,
+        })
+    }
+}
+
 /// Sliding-window attention that would actually change any layer's attention is rejected.
-pub(crate) fn check_no_sliding_window(raw: &Value, num_layers: usize, max_pos: usize, path: &Path) -> Result<()> {
+fn check_no_sliding_window(raw: &Value, num_layers: usize, max_pos: usize, path: &Path) -> Result<()> {
     if let Some(Value::Array(types)) = raw.get("layer_types") {
         if let Some(i) = types.iter().position(|t| t.as_str() != Some("full_attention")) {
             return Err(Error::invalid(
@@ -139,7 +191,7 @@ pub(crate) fn check_no_sliding_window(raw: &Value, num_layers: usize, max_pos: u
     Ok(())
 }
 
-pub(crate) fn check_act(act: &str, path: &Path) -> Result<()> {
+fn check_act(act: &str, path: &Path) -> Result<()> {
     if act != "silu" {
         return Err(Error::invalid(path, format!("hidden_act `{act}` is not supported (expected silu)")));
     }
