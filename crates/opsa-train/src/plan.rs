@@ -77,17 +77,19 @@ pub fn human(b: u64) -> String {
     }
 }
 
-/// Activation bytes autodiff keeps for one layer and one sequence of `t` tokens.
-fn layer_activations(c: &DecoderConfig, t: u64, cb: u64) -> (u64, u64) {
+/// Activation bytes autodiff keeps for one layer and one sequence of `t` tokens: the linear
+/// part and the attention part; and the attention temporaries of one layer's backward pass.
+fn layer_activations(c: &DecoderConfig, t: u64, cb: u64) -> (u64, u64, u64) {
     let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
     let (nq, nkv) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
     // Per token: the norms' f32 temporaries (2 norms × 3 × h), the products' inputs and outputs
     // (q/k/v/o, gate/up/down, RoPE, the residuals) in the compute dtype.
     let linear = t * (4 * 6 * h + cb * (6 * h + 4 * nq + 4 * nkv + 5 * i));
-    // Attention per head: the scores (compute dtype), their f32 cast, the masked sum, the
-    // softmax's exp and output (f32), and the probabilities cast back.
-    let attention = c.num_attention_heads as u64 * t * t * (2 * cb + 4 * 4);
-    (linear, attention)
+    // Attention per head and query-key pair: kept, the softmax's f32 exponentials and the
+    // probabilities in the compute dtype; while one layer is back-propagated, about three f32
+    // gradients of the same shape.
+    let pairs = c.num_attention_heads as u64 * t * t;
+    (linear, pairs * (4 + cb), pairs * 3 * 4)
 }
 
 /// Build the plan for `cfg`. `prompt_tokens` is the longest prompt (rendered, without context).
@@ -110,7 +112,14 @@ pub fn memory_plan(cfg: &TrainConfig, prompt_tokens: usize) -> Result<MemoryPlan
 
     // The context the teacher sees (OPSA, off-policy SD): counted with the model's tokenizer
     // when the folder has one, else about 4 characters a token.
-    let context_text: String = [&cfg.context.harmful, &cfg.context.benign].iter().filter_map(|s| s.as_ref().cloned()).max_by_key(String::len).unwrap_or_default();
+    let c_ = &cfg.context;
+    let context_text = if matches!(cfg.method, Method::Opsa | Method::OffpolicySd) {
+        let harmful = crate::opsa::read_context(&c_.harmful, &c_.harmful_file)?;
+        let benign = crate::opsa::read_context(&c_.benign, &c_.benign_file)?;
+        if harmful.len() >= benign.len() { harmful } else { benign }
+    } else {
+        String::new()
+    };
     let context_tokens = if context_text.is_empty() {
         0
     } else {
@@ -163,8 +172,8 @@ pub fn memory_plan(cfg: &TrainConfig, prompt_tokens: usize) -> Result<MemoryPlan
         let (bytes, note) = if cfg.train.recompute { (2 * layer_params, "one layer at a time (recompute)") } else { (2 * p, "kept by autodiff for the backward pass") };
         train.push(Item { what: "bf16 compute weights", bytes, note: note.into() });
     }
-    let (lin, att) = layer_activations(&c, ts as u64, cb);
-    let acts = if cfg.train.recompute { m * (l * ts as u64 * h * cb + lin + att) } else { m * l * (lin + att) };
+    let (lin, att, att_backward) = layer_activations(&c, ts as u64, cb);
+    let acts = if cfg.train.recompute { m * (l * ts as u64 * h * cb + lin + att + att_backward) } else { m * (l * (lin + att) + att_backward) };
     train.push(Item {
         what: "student activations",
         bytes: acts,
@@ -173,16 +182,16 @@ pub fn memory_plan(cfg: &TrainConfig, prompt_tokens: usize) -> Result<MemoryPlan
             m,
             ts,
             if cfg.train.recompute { ", layer inputs + one layer (recompute)" } else { ", every layer" },
-            human(if cfg.train.recompute { m * att } else { m * l * att })
+            human(m * att_backward + if cfg.train.recompute { m * att } else { m * l * att })
         ),
     });
     if has_teacher {
-        let (tlin, tatt) = layer_activations(&c, tt as u64, cb);
-        // Without autodiff only one layer's temporaries live at a time, and the final hidden states.
+        // The teacher runs first and without autodiff: what stays is its final hidden states; its
+        // one-layer temporaries are gone before the student's activations exist.
         train.push(Item {
-            what: "teacher forward (no autodiff)",
-            bytes: m * (tt as u64 * h * cb + tlin / 2 + tatt / 2),
-            note: format!("{} × {} tokens, one layer at a time", m, tt),
+            what: "teacher hidden states",
+            bytes: m * tt as u64 * h * cb,
+            note: format!("{} × {} tokens (its forward holds one layer at a time)", m, tt),
         });
     }
     let chunk = cfg.divergence.chunk_size as u64;
