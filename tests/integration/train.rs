@@ -187,7 +187,7 @@ fn a_run_folder_resumes_only_its_own_run_and_restarts_one_without_checkpoint() {
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
     // --resume with another method or seed: refused, the difference named, nothing rewritten.
     let r = run.to_str().unwrap();
-    for (set, key) in [("method=\"sft\"", "config.method"), ("train.seed=99", "config.train.seed")] {
+    for (set, key) in [("method=\"offpolicy_sd\"", "config.method"), ("train.seed=99", "config.train.seed")] {
         let (ok, err) = opsa_in_root(&["train", "--resume", r, "--set", set]);
         assert!(!ok && err.contains(key), "{set}: {err}");
     }

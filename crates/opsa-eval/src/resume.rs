@@ -82,10 +82,12 @@ fn show(v: &Value) -> String {
     }
 }
 
+/// The inputs as the manifest holds them: with [`FORMAT`], and through the same JSON text and
+/// parser as the file (numbers such as an f32 widened to f64 compare as they read back).
 fn with_format(inputs: &Value) -> Value {
     let mut inputs = inputs.clone();
     inputs["format"] = json!(FORMAT);
-    inputs
+    serde_json::from_str(&inputs.to_string()).expect("JSON reads back")
 }
 
 /// Whether `dir`'s manifest records exactly `inputs` (a finished stage can then be skipped).
