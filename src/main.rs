@@ -1,7 +1,7 @@
 //! `opsa`: the command-line interface. Thin: argument parsing, backend choice, file I/O and
 //! output formatting; the work is done in the library crates.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -10,7 +10,7 @@ use burn::tensor::backend::Backend;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use opsa_generate::{generate, score, SamplingParams};
 use opsa_models::checkpoint::config_dtype;
-use opsa_models::{load_model, save_model, ChatMessage, HfTokenizer, LoadOptions, ModelConfig, WeightDType};
+use opsa_models::{load_model, save_model, HfTokenizer, LoadOptions, ModelConfig, Prompt, WeightDType};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -98,13 +98,13 @@ struct FlipArgs {
     /// Candidate contexts, JSONL: {"id", "context", "kind": "harmful" | "benign"} (e.g. configs/contexts/pool.jsonl).
     #[arg(long, value_name = "FILE")]
     contexts: PathBuf,
-    /// Harmful prompts (JSONL with `prompt`, or any dataset via --prompts-format).
+    /// Harmful prompts (JSONL with `prompt` or `messages`, or any dataset via --prompts-format).
     #[arg(long, value_name = "FILE")]
     prompts: PathBuf,
     /// Format of --prompts: jsonl, strongreject, harmbench, xstest.
     #[arg(long, default_value = "jsonl")]
     prompts_format: String,
-    /// Benign prompts, JSONL with `prompt` (for the benign contexts' over-refusal).
+    /// Benign prompts, JSONL with `prompt` or `messages` (for the benign contexts' over-refusal).
     #[arg(long, value_name = "FILE")]
     benign_prompts: Option<PathBuf>,
     #[command(flatten)]
@@ -279,7 +279,8 @@ struct KlArgs {
     /// system, prepend or append.
     #[arg(long, default_value = "prepend")]
     placement: String,
-    /// JSONL with `prompt` and optional `label` (harmful, the default, or benign).
+    /// JSONL with `prompt` (or a `messages` conversation) and optional `label` (harmful, the
+    /// default, or benign).
     #[arg(long, value_name = "FILE")]
     prompts: PathBuf,
     #[arg(long, default_value_t = 64)]
@@ -376,8 +377,12 @@ struct ModelArgs {
     /// log-probs are computed in f32 either way.
     #[arg(long, default_value = "f32", value_parser = WeightDType::parse)]
     dtype: WeightDType,
-    /// Render the prompt with the model's chat template (one user message plus the
-    /// generation prompt), as `apply_chat_template(add_generation_prompt=True)`.
+    /// Render the prompt with the model's chat template (one user message, or the line's
+    /// `messages` conversation, plus the generation prompt), as
+    /// `apply_chat_template(add_generation_prompt=True, tokenize=True)`: no special tokens are
+    /// added to the rendered text (the template writes its own BOS). Without --chat a prompt is
+    /// plain text, encoded as `tokenizer(text)` (with the tokenizer's own special tokens, e.g.
+    /// Llama-3's BOS).
     #[arg(long)]
     chat: bool,
     /// With --chat: a system message placed before the user message.
@@ -399,7 +404,9 @@ struct GenerateArgs {
     /// A prompt (repeatable). Give --prompt or --prompts-file.
     #[arg(long, value_name = "TEXT")]
     prompt: Vec<String>,
-    /// JSONL file, one object per line with a string field `prompt` (other fields are ignored).
+    /// JSONL file, one object per line with a string field `prompt` or (with --chat) an
+    /// OpenAI-style `messages` list of {"role": "system"|"user"|"assistant", "content"} ending
+    /// with a user turn (other fields are ignored).
     #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
     prompts_file: Option<PathBuf>,
     /// Prompts run together in one batch.
@@ -429,9 +436,14 @@ struct GenerateArgs {
 struct ScoreArgs {
     #[command(flatten)]
     m: ModelArgs,
-    /// The prompt (raw text, no special tokens added; with --chat, rendered as a user message).
-    #[arg(long)]
-    prompt: String,
+    /// The prompt (plain text encoded as `tokenizer(text)`; with --chat, rendered as a user message).
+    #[arg(long, required_unless_present = "messages")]
+    prompt: Option<String>,
+    /// Instead of --prompt, with --chat: a conversation as a JSON list of
+    /// {"role": "system"|"user"|"assistant", "content"} ending with a user turn; the response
+    /// is appended to it, rendered with the generation prompt.
+    #[arg(long, value_name = "JSON", conflicts_with = "prompt", requires = "chat")]
+    messages: Option<String>,
     /// The response whose tokens are scored; tokenised on its own and appended to the prompt.
     #[arg(long)]
     response: String,
@@ -586,19 +598,20 @@ impl<B: Backend> Loaded<B> {
         Ok(Loaded { model, tok, vars })
     }
 
-    fn encode_prompt(&self, m: &ModelArgs, prompt: &str) -> Result<Vec<u32>> {
-        if prompt.is_empty() {
-            bail!("the prompt is empty");
-        }
-        let ids = if m.chat {
-            let mut msgs = Vec::new();
-            if let Some(s) = &m.system {
-                msgs.push(ChatMessage::system(s));
+    /// With --chat: the conversation (after --system) rendered with the generation prompt,
+    /// no special tokens added. Without: the plain text as `tokenizer(text)` encodes it.
+    fn encode_prompt(&self, m: &ModelArgs, prompt: &Prompt) -> Result<Vec<u32>> {
+        let ids = match prompt {
+            Prompt::Text(t) if t.is_empty() => bail!("the prompt is empty"),
+            _ if m.chat => {
+                let msgs = match &m.system {
+                    Some(s) => prompt.with_system(s).map_err(anyhow::Error::msg)?,
+                    None => prompt.messages(),
+                };
+                self.tok.encode_chat(&msgs, &self.vars)?
             }
-            msgs.push(ChatMessage::user(prompt));
-            self.tok.encode_chat(&msgs, &self.vars)?
-        } else {
-            self.tok.encode(prompt, false)?
+            Prompt::Text(t) => self.tok.encode_text(t)?,
+            Prompt::Messages(_) => bail!("`messages`: a conversation is rendered with the chat template; add --chat"),
         };
         if ids.is_empty() {
             bail!("the prompt tokenised to no tokens");
@@ -607,34 +620,13 @@ impl<B: Backend> Loaded<B> {
     }
 }
 
-fn read_prompts_file(path: &Path) -> Result<Vec<String>> {
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open prompts file {}", path.display()))?;
-    let mut prompts = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value =
-            serde_json::from_str(&line).with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
-        match v.get("prompt") {
-            Some(Value::String(s)) if !s.is_empty() => prompts.push(s.clone()),
-            Some(Value::String(_)) => bail!("{}:{}: `prompt` is empty", path.display(), i + 1),
-            _ => bail!("{}:{}: expected a string field `prompt`", path.display(), i + 1),
-        }
-    }
-    if prompts.is_empty() {
-        bail!("{}: no prompts in the file", path.display());
-    }
-    Ok(prompts)
-}
-
 impl<B: Backend> Commands for Runner<B> {
     fn generate(&self, a: &GenerateArgs) -> Result<()> {
-        let prompts = match &a.prompts_file {
-            Some(p) => read_prompts_file(p)?,
+        // (where the prompt comes from, for errors; the prompt)
+        let prompts: Vec<(String, Prompt)> = match &a.prompts_file {
+            Some(p) => opsa_models::prompt::read_prompts(p)?.into_iter().map(|l| (format!("{}:{}", p.display(), l.line), l.prompt)).collect(),
             None if a.prompt.is_empty() => bail!("give --prompt TEXT or --prompts-file FILE"),
-            None => a.prompt.clone(),
+            None => a.prompt.iter().enumerate().map(|(i, p)| (format!("--prompt {}", i + 1), Prompt::from(p.as_str()))).collect(),
         };
         let params = SamplingParams {
             temperature: a.temperature,
@@ -648,8 +640,7 @@ impl<B: Backend> Commands for Runner<B> {
         let l = Loaded::<B>::open(&a.m, &self.device)?;
         let encoded: Vec<Vec<u32>> = prompts
             .iter()
-            .enumerate()
-            .map(|(i, p)| l.encode_prompt(&a.m, p).with_context(|| format!("prompt {i}")))
+            .map(|(where_, p)| l.encode_prompt(&a.m, p).with_context(|| where_.clone()))
             .collect::<Result<_>>()?;
         let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
             indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} prompts [{elapsed_precise} < {eta_precise}]")
@@ -670,7 +661,7 @@ impl<B: Backend> Commands for Runner<B> {
                 if a.m.json {
                     let obj = json!({
                         "index": i,
-                        "prompt": prompts[i],
+                        "prompt": prompts[i].1.to_json(),
                         "prompt_ids": g.prompt_ids,
                         "token_ids": g.token_ids,
                         "text": g.text,
@@ -680,7 +671,7 @@ impl<B: Backend> Commands for Runner<B> {
                     writeln!(out, "{obj}")?;
                 } else {
                     if prompts.len() > 1 {
-                        writeln!(out, "=== prompt {i}: {}", prompts[i])?;
+                        writeln!(out, "=== prompt {i}: {}", prompts[i].1.request())?;
                     }
                     writeln!(out, "{}", g.text)?;
                     writeln!(
@@ -715,13 +706,13 @@ impl<B: Backend> Commands for Runner<B> {
             bail!("--max-new-tokens and --batch-size must be at least 1");
         }
         let candidates = opsa_eval::flip::read_candidates(&a.contexts)?;
-        let harmful: Vec<String> = opsa_eval::datasets::load(&a.prompts_format, &a.prompts)?
+        let harmful: Vec<Prompt> = opsa_eval::datasets::load(&a.prompts_format, &a.prompts)?
             .into_iter()
             .filter(|i| i.kind != opsa_eval::datasets::Kind::Benign)
             .map(|i| i.prompt)
             .collect();
-        let benign: Vec<String> = match &a.benign_prompts {
-            Some(p) => read_prompts_file(p)?,
+        let benign: Vec<Prompt> = match &a.benign_prompts {
+            Some(p) => opsa_train::data::read_prompt_list(p)?,
             None if candidates.iter().any(|c| c.kind == "benign") => {
                 bail!("the contexts file has benign contexts: give --benign-prompts FILE to measure their over-refusal")
             }
@@ -766,23 +757,13 @@ impl<B: Backend> Commands for Runner<B> {
         };
         let div = Divergence { kind, top_k: if a.full_vocab { None } else { Some(64) }, temperature: 1.0, clip: None };
         let mut prompts = Vec::new();
-        let f = std::fs::File::open(&a.prompts).with_context(|| format!("cannot open {}", a.prompts.display()))?;
-        for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-            let line = line?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(&line).with_context(|| format!("{}:{}: not a JSON object", a.prompts.display(), i + 1))?;
-            let p = v.get("prompt").and_then(Value::as_str).with_context(|| format!("{}:{}: expected a string field `prompt`", a.prompts.display(), i + 1))?;
-            let label = match v.get("label").and_then(Value::as_str) {
+        for l in opsa_models::prompt::read_prompts(&a.prompts)? {
+            let label = match l.object.get("label").and_then(Value::as_str) {
                 None | Some("harmful") => Label::Harmful,
                 Some("benign") => Label::Benign,
-                Some(o) => bail!("{}:{}: label `{o}`: expected harmful or benign", a.prompts.display(), i + 1),
+                Some(o) => bail!("{}:{}: label `{o}`: expected harmful or benign", a.prompts.display(), l.line),
             };
-            prompts.push((p.to_string(), label));
-        }
-        if prompts.is_empty() {
-            bail!("{}: no prompts in the file", a.prompts.display());
+            prompts.push((l.prompt, label));
         }
         let (student, tok) = open_model::<B>(&a.student, WeightDType::F32, &self.device)?;
         let teacher = match &a.teacher {
@@ -940,7 +921,15 @@ impl<B: Backend> Commands for Runner<B> {
 
     fn score(&self, a: &ScoreArgs) -> Result<()> {
         let l = Loaded::<B>::open(&a.m, &self.device)?;
-        let prompt_ids = l.encode_prompt(&a.m, &a.prompt)?;
+        let prompt = match (&a.prompt, &a.messages) {
+            (Some(p), _) => Prompt::from(p.as_str()),
+            (None, Some(m)) => {
+                let list: Value = serde_json::from_str(m).context("--messages: not JSON")?;
+                Prompt::from_object(&json!({ "messages": list }), "prompt").map_err(|e| anyhow::anyhow!("--messages: {e}"))?
+            }
+            (None, None) => bail!("give --prompt TEXT or --messages JSON"),
+        };
+        let prompt_ids = l.encode_prompt(&a.m, &prompt)?;
         let response_ids = l.tok.encode(&a.response, false)?;
         let logprobs = score(&l.model, &prompt_ids, &response_ids).with_context(|| format!("model {}", a.m.model.display()))?;
         if a.m.json {

@@ -15,9 +15,11 @@ pub fn config() -> DecoderConfig {
         max_position_embeddings: 4096,
         rms_norm_eps: 1e-6,
         rope_theta: 1_000_000.0,
+        rope_scaling: opsa_models::rope::RopeScaling::Default,
         tie_word_embeddings: true,
         qkv_bias: false,
         o_bias: false,
+        mlp_bias: false,
         qk_norm: true,
     }
 }

@@ -169,9 +169,9 @@ impl<B: Backend> Builder<'_, B> {
                 head_dim: d,
             };
             let mlp = Mlp {
-                gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), h, c.intermediate_size, false)?,
-                up_proj: self.linear(&format!("{p}.mlp.up_proj"), h, c.intermediate_size, false)?,
-                down_proj: self.linear(&format!("{p}.mlp.down_proj"), c.intermediate_size, h, false)?,
+                gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                up_proj: self.linear(&format!("{p}.mlp.up_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                down_proj: self.linear(&format!("{p}.mlp.down_proj"), c.intermediate_size, h, c.mlp_bias)?,
             };
             layers.push(DecoderLayer {
                 self_attn,

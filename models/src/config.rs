@@ -1,10 +1,12 @@
-//! `config.json` dispatch on `model_type`, and the checks shared by both families.
+//! `config.json` dispatch on `model_type`, and the checks shared by the families.
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::decoder::DecoderConfig;
+use crate::llama::LlamaConfig;
 use crate::qwen2::Qwen2Config;
 use crate::qwen3::Qwen3Config;
 use crate::{Error, Result};
@@ -15,6 +17,7 @@ use crate::{Error, Result};
 pub enum ModelConfig {
     Qwen2(Qwen2Config, Value),
     Qwen3(Qwen3Config, Value),
+    Llama(LlamaConfig, Value),
 }
 
 /// The dtype weights are held in during a run (`--dtype`).
@@ -66,10 +69,11 @@ impl ModelConfig {
         let cfg = match model_type {
             "qwen2" => ModelConfig::Qwen2(parse(&raw, path)?, raw.clone()),
             "qwen3" => ModelConfig::Qwen3(parse(&raw, path)?, raw.clone()),
+            "llama" => ModelConfig::Llama(parse(&raw, path)?, raw.clone()),
             other => {
                 return Err(Error::invalid(
                     path,
-                    format!("unsupported model_type `{other}` (opsa implements `qwen2` and `qwen3`)"),
+                    format!("unsupported model_type `{other}` (opsa implements `qwen2`, `qwen3` and `llama`)"),
                 ))
             }
         };
@@ -82,6 +86,7 @@ impl ModelConfig {
         let d = match self {
             ModelConfig::Qwen2(c, raw) => c.decoder(raw, path)?,
             ModelConfig::Qwen3(c, raw) => c.decoder(raw, path)?,
+            ModelConfig::Llama(c, raw) => c.decoder(raw, path)?,
         };
         d.validate(path)?;
         check_sizes(&d, path)?;
@@ -90,7 +95,7 @@ impl ModelConfig {
 
     pub fn raw(&self) -> &Value {
         match self {
-            ModelConfig::Qwen2(_, raw) | ModelConfig::Qwen3(_, raw) => raw,
+            ModelConfig::Qwen2(_, raw) | ModelConfig::Qwen3(_, raw) | ModelConfig::Llama(_, raw) => raw,
         }
     }
 
@@ -113,38 +118,59 @@ pub(crate) fn ids_of(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
-/// RoPE theta from either the classic fields (`rope_theta`, `rope_scaling`) or the newer
-/// `rope_parameters` block (transformers >= 5). Only the default (unscaled) rotary embedding is
-/// implemented; any scaling type is rejected rather than silently ignored.
-pub(crate) fn rope_theta(raw: &Value, default: f64, path: &Path) -> Result<f64> {
-    let mut theta = raw.get("rope_theta").and_then(Value::as_f64);
-    for key in ["rope_scaling", "rope_parameters"] {
-        match raw.get(key) {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(m)) => {
-                let kind = m
-                    .get("rope_type")
-                    .or_else(|| m.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
-                if kind != "default" {
-                    return Err(Error::invalid(
-                        path,
-                        format!("{key}: rope type `{kind}` is not supported (only the default rotary embedding is)"),
-                    ));
-                }
-                if let Some(t) = m.get("rope_theta").and_then(Value::as_f64) {
-                    theta = Some(t);
-                }
-            }
-            Some(other) => return Err(Error::invalid(path, format!("{key}: expected an object, found {other}"))),
-        }
+/// The `config.json` fields every family shares (names verbatim from Hugging Face); each family's
+/// struct flattens it in and adds its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommonConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+}
+
+fn silu() -> String {
+    "silu".into()
+}
+
+impl CommonConfig {
+    /// The checks every family runs (activation, sliding window, rope) and the decoder they
+    /// describe with every family switch off; `head_dim` defaults to `hidden_size / heads`,
+    /// `default_theta` is the family's `rope_theta` when the file names none.
+    pub(crate) fn decoder(&self, raw: &Value, path: &Path, head_dim: Option<usize>, default_theta: f64) -> Result<DecoderConfig> {
+        check_act(&self.hidden_act, path)?;
+        check_no_sliding_window(raw, self.num_hidden_layers, self.max_position_embeddings, path)?;
+        let (rope_theta, rope_scaling) = crate::rope::from_raw(raw, default_theta, path)?;
+        Ok(DecoderConfig {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim: head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            max_position_embeddings: self.max_position_embeddings,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: self.tie_word_embeddings,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            qk_norm: false,
+        })
     }
-    Ok(theta.unwrap_or(default))
 }
 
 /// Sliding-window attention that would actually change any layer's attention is rejected.
-pub(crate) fn check_no_sliding_window(raw: &Value, num_layers: usize, max_pos: usize, path: &Path) -> Result<()> {
+fn check_no_sliding_window(raw: &Value, num_layers: usize, max_pos: usize, path: &Path) -> Result<()> {
     if let Some(Value::Array(types)) = raw.get("layer_types") {
         if let Some(i) = types.iter().position(|t| t.as_str() != Some("full_attention")) {
             return Err(Error::invalid(
@@ -166,7 +192,7 @@ pub(crate) fn check_no_sliding_window(raw: &Value, num_layers: usize, max_pos: u
     Ok(())
 }
 
-pub(crate) fn check_act(act: &str, path: &Path) -> Result<()> {
+fn check_act(act: &str, path: &Path) -> Result<()> {
     if act != "silu" {
         return Err(Error::invalid(path, format!("hidden_act `{act}` is not supported (expected silu)")));
     }

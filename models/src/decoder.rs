@@ -1,8 +1,9 @@
-//! The decoder shared by Qwen2 and Qwen3.
+//! The decoder shared by Qwen2, Qwen3 and Llama.
 //!
-//! The two families differ in three switches ([`DecoderConfig::qkv_bias`],
-//! [`DecoderConfig::qk_norm`], an explicit `head_dim`), so one implementation serves both; the
-//! per-family files ([`crate::qwen2`], [`crate::qwen3`]) turn each `config.json` into a
+//! The families differ in a few switches ([`DecoderConfig::qkv_bias`], [`DecoderConfig::o_bias`],
+//! [`DecoderConfig::mlp_bias`], [`DecoderConfig::qk_norm`], an explicit `head_dim`, the rotary
+//! scaling [`DecoderConfig::rope_scaling`]), so one implementation serves all; the per-family
+//! files ([`crate::qwen2`], [`crate::qwen3`], [`crate::llama`]) turn each `config.json` into a
 //! [`DecoderConfig`]. Struct and field names equal Hugging Face state-dict names:
 //! `model.embed_tokens.weight`, `model.layers.{i}.self_attn.{q,k,v,o}_proj.{weight,bias}`,
 //! `model.layers.{i}.self_attn.{q,k}_norm.weight`, `model.layers.{i}.mlp.{gate,up,down}_proj.weight`,
@@ -32,6 +33,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 
+use crate::rope::RopeScaling;
 use crate::{Error, Result};
 
 /// Bias added to masked attention scores (finite, so fully padded rows stay finite).
@@ -59,11 +61,15 @@ pub struct DecoderConfig {
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// `rope_scaling` (`default`, `linear`, `llama3`); see [`RopeScaling::inv_freq`].
+    pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
-    /// Qwen2: q/k/v projections have a bias. Qwen3: `attention_bias` (also on `o_proj`).
+    /// Qwen2: q/k/v projections have a bias. Qwen3, Llama: `attention_bias` (also on `o_proj`).
     pub qkv_bias: bool,
-    /// Qwen3 with `attention_bias`: `o_proj` has a bias too (never in Qwen2).
+    /// Qwen3, Llama with `attention_bias`: `o_proj` has a bias too (never in Qwen2).
     pub o_bias: bool,
+    /// Llama's `mlp_bias`: `gate_proj`, `up_proj` and `down_proj` have a bias.
+    pub mlp_bias: bool,
     /// Qwen3: per-head RMSNorm on q and k before RoPE.
     pub qk_norm: bool,
 }
@@ -114,7 +120,11 @@ impl DecoderConfig {
         if self.qk_norm {
             attn += 2 * d;
         }
-        let layer = attn + 3 * h * i + 2 * h;
+        let mut mlp = 3 * h * i;
+        if self.mlp_bias {
+            mlp += 2 * i + h;
+        }
+        let layer = attn + mlp + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
         self.vocab_size * h + self.num_hidden_layers * layer + h + head
     }
@@ -217,15 +227,11 @@ pub struct Rope<B: Backend> {
 
 impl<B: Backend> Rope<B> {
     /// Build the tables for explicit positions (`positions[row * t + j]`), computed as the
-    /// reference does: f32 inverse frequencies, f32 angles, cos/sin in f32, then cast.
-    pub fn new(positions: &[usize], b: usize, t: usize, head_dim: usize, theta: f64, dtype: DType, device: &B::Device) -> Self {
-        let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| {
-                let e = (2 * i) as f32 / head_dim as f32;
-                1.0f32 / (theta as f32).powf(e)
-            })
-            .collect();
+    /// reference does: f32 inverse frequencies (with the config's rope scaling), f32 angles,
+    /// cos/sin in f32, then cast.
+    pub fn new(positions: &[usize], b: usize, t: usize, c: &DecoderConfig, dtype: DType, device: &B::Device) -> Self {
+        let head_dim = c.head_dim;
+        let inv = c.rope_scaling.inv_freq(c.rope_theta, head_dim);
         let mut cos = Vec::with_capacity(b * t * head_dim);
         let mut sin = Vec::with_capacity(b * t * head_dim);
         for &p in positions {
@@ -552,7 +558,7 @@ impl<B: Backend> CausalLm<B> {
         let device = ids.device();
         let dtype = self.dtype();
         let c = &self.config;
-        let rope = Rope::new(&pos.positions, b, t, c.head_dim, c.rope_theta, dtype, &device);
+        let rope = Rope::new(&pos.positions, b, t, c, dtype, &device);
         let mask = pos.mask_tensor::<B>(&device);
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
         // Move each layer's cache tensors out and back, so they are updated in place.

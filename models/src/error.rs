@@ -13,6 +13,9 @@ pub enum Error {
     /// A file that parsed but whose content we cannot use (unsupported option, bad value).
     #[error("{}: {msg}", path.display())]
     Invalid { path: PathBuf, msg: String },
+    /// A bad line of a data file (JSONL prompts, ...): file, 1-based line, what is wrong.
+    #[error("{}:{line}: {msg}", path.display())]
+    Line { path: PathBuf, line: usize, msg: String },
     /// A weight that is missing, mis-shaped or of an unsupported dtype.
     #[error("tensor `{name}`: {msg}")]
     Tensor { name: String, msg: String },
@@ -32,6 +35,9 @@ impl Error {
     }
     pub(crate) fn invalid(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::Invalid { path: path.into(), msg: msg.into() }
+    }
+    pub(crate) fn line(path: impl Into<PathBuf>, line: usize, msg: impl Into<String>) -> Self {
+        Error::Line { path: path.into(), line, msg: msg.into() }
     }
     pub(crate) fn tensor(name: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Tensor { name: name.into(), msg: msg.into() }

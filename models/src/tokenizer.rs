@@ -188,6 +188,14 @@ impl HfTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Encode a plain-text prompt (no chat template) as transformers' `tokenizer(text)` does:
+    /// with the special tokens the tokenizer's post-processor adds (Llama-3 and R1-Distill-Llama:
+    /// BOS in front; Qwen: none). A rendered chat prompt goes through [`Self::encode_chat`]
+    /// instead, which adds none (the template writes them itself).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode(text, true)
+    }
+
     /// Decode ids; ids beyond the tokenizer (padding rows of the embedding) decode to nothing.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         let n = self.vocab_size() as u32;
@@ -257,8 +265,10 @@ impl HfTokenizer {
         String::from_utf8(out.0).map_err(|e| Error::Tokenizer(format!("{}: chat template: output is not UTF-8: {e}", src.display())))
     }
 
-    /// Render one user message with the generation prompt and encode it without adding special
-    /// tokens (the template already holds them), as `apply_chat_template(tokenize=True)` does.
+    /// Render a conversation with the generation prompt and encode it without adding special
+    /// tokens (the template already holds them, e.g. R1-Distill-Llama's BOS, which the
+    /// post-processor would otherwise add a second time), as
+    /// `apply_chat_template(add_generation_prompt=True, tokenize=True)` does.
     pub fn encode_chat(&self, messages: &[ChatMessage], extra: &serde_json::Map<String, Value>) -> Result<Vec<u32>> {
         let text = self.apply_chat_template(messages, true, extra)?;
         self.encode(&text, false)

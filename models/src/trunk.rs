@@ -58,7 +58,7 @@ impl<B: AutodiffBackend> CausalLm<B> {
         let inner = self.valid();
         let device = ids.device();
         let c = &self.config;
-        let rope = Rope::<B::InnerBackend>::new(&pos.positions, b, t, c.head_dim, c.rope_theta, self.dtype(), &device);
+        let rope = Rope::<B::InnerBackend>::new(&pos.positions, b, t, c, self.dtype(), &device);
         let mask = pos.mask_tensor::<B::InnerBackend>(&device);
         let mut x = inner.model.embed_tokens.forward(ids.clone().inner(), self.dtype());
         let mut inputs = Vec::with_capacity(inner.model.layers.len());
@@ -91,7 +91,7 @@ impl<B: AutodiffBackend> CausalLm<B> {
         let [b, t] = saved.ids.dims();
         let device = saved.ids.device();
         let c = &self.config;
-        let rope = Rope::<B>::new(&saved.pos.positions, b, t, c.head_dim, c.rope_theta, self.dtype(), &device);
+        let rope = Rope::<B>::new(&saved.pos.positions, b, t, c, self.dtype(), &device);
         let mask = saved.pos.mask_tensor::<B>(&device);
         for (layer, input) in self.model.layers.iter().zip(saved.inputs).rev() {
             let x = Tensor::<B, 3>::from_inner(input).require_grad();

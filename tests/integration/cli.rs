@@ -150,9 +150,9 @@ fn edit_config(d: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
 fn unsupported_options_are_rejected_at_load() {
     let d = copy_fixture("qwen3-tiny");
     edit_config(d.path(), |c| {
-        c.insert("model_type".into(), "llama".into());
+        c.insert("model_type".into(), "gemma2".into());
     });
-    fails(&gen_args(s(d.path()), &[]), &["config.json", "model_type `llama`"]);
+    fails(&gen_args(s(d.path()), &[]), &["config.json", "model_type `gemma2`", "`llama`"]);
     let d = copy_fixture("qwen3-tiny");
     edit_config(d.path(), |c| {
         c.insert("rope_parameters".into(), serde_json::json!({"rope_type": "yarn", "factor": 4.0}));

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-pub const FAMILIES: &[&str] = &["qwen2-tiny", "qwen3-tiny"];
+pub const FAMILIES: &[&str] = &["qwen2-tiny", "qwen3-tiny", "llama-tiny"];
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)

@@ -2,10 +2,12 @@
 //! `wgpu` feature is on (through Mesa's lavapipe on machines without a GPU).
 
 mod common;
+mod conversation;
 mod cli;
 mod baselines;
 mod distill;
 mod eval;
+mod llama;
 mod parity;
 mod precision;
 mod tokenizer;

@@ -32,6 +32,7 @@ pub fn logits_match<B: Backend>(device: &B::Device, tol: f32) {
             assert_eq!(shape, vec![ids.len(), model.config.vocab_size]);
             let got = logits_of(&model, &ids);
             let d = max_abs_diff(&got, &expected);
+            eprintln!("{name} input {i} ({} tokens): max |logit diff| = {d:.2e}", ids.len());
             assert!(d < tol, "{name} input {i}: max |logit diff| = {d} (tolerance {tol})");
         }
     }
@@ -107,6 +108,28 @@ pub fn save_load_roundtrip<B: Backend>(device: &B::Device) {
         let d = max_abs_diff(&logits_of(&model, &ids), &logits_of(&again, &ids));
         assert!(d < 1e-6, "{name}: logits changed by {d} after save → load");
     }
+}
+
+/// The rotary inverse frequencies (llama-tiny: `llama3` scaling with one frequency kept, one
+/// smoothed and the rest divided by the factor) equal transformers' `rotary_emb.inv_freq`.
+#[test]
+fn rope_inverse_frequencies_match_transformers() {
+    for name in FAMILIES {
+        let path = fixture(name).join("config.json");
+        let c = opsa_models::ModelConfig::from_file(&path).unwrap().decoder(&path).unwrap();
+        let got = c.rope_scaling.inv_freq(c.rope_theta, c.head_dim);
+        let want: Vec<f32> = reference(name)["inv_freq"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 2.0 * f32::EPSILON * w.abs(), "{name}: inv_freq[{i}] = {g}, transformers {w}");
+        }
+    }
+    let path = fixture("llama-tiny").join("config.json");
+    let c = opsa_models::ModelConfig::from_file(&path).unwrap().decoder(&path).unwrap();
+    let plain = opsa_models::rope::RopeScaling::Default.inv_freq(c.rope_theta, c.head_dim);
+    let scaled = c.rope_scaling.inv_freq(c.rope_theta, c.head_dim);
+    let bands: Vec<f32> = plain.iter().zip(&scaled).map(|(p, s)| p / s).collect();
+    assert!(bands[0] == 1.0 && bands[1] > 1.0 && bands[1] < 7.99 && bands[2..].iter().all(|r| (r - 8.0).abs() < 1e-5), "{bands:?}");
 }
 
 macro_rules! backend_tests {

@@ -16,6 +16,37 @@ fn encodings_match_transformers() {
     }
 }
 
+/// Plain text (no chat template) is encoded as transformers' `tokenizer(text)`: with the
+/// post-processor's special tokens (Llama-3-style BOS for llama-tiny, none for Qwen).
+#[test]
+fn plain_text_gets_the_tokenizers_own_special_tokens() {
+    for name in FAMILIES {
+        let tok = HfTokenizer::from_dir(&fixture(name)).unwrap();
+        for e in reference(name)["encodings"].as_array().unwrap() {
+            let text = e["text"].as_str().unwrap();
+            assert_eq!(tok.encode_text(text).unwrap(), ids(&e["ids_with_special"]), "{name}: tokenizer({text:?})");
+        }
+    }
+    let r = reference("llama-tiny");
+    let e = &r["encodings"][0];
+    assert_eq!(ids(&e["ids_with_special"])[1..], ids(&e["ids"])[..], "llama-tiny adds exactly one BOS");
+}
+
+/// The R1 template writes BOS itself: the rendered prompt holds it once, not a second time
+/// from the post-processor.
+#[test]
+fn a_template_that_writes_bos_gets_no_second_one() {
+    let tok = HfTokenizer::from_dir(&fixture("llama-tiny")).unwrap();
+    let bos = tok.inner.token_to_id("<｜begin▁of▁sentence｜>").unwrap();
+    for c in reference("llama-tiny")["chats"].as_array().unwrap() {
+        let msgs: Vec<ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
+        let got = tok.encode_chat(&msgs, &Default::default()).unwrap();
+        assert_eq!(got, ids(&c["ids"]));
+        assert_eq!(got.iter().filter(|&&t| t == bos).count(), 1, "{got:?}");
+        assert_eq!(got[0], bos);
+    }
+}
+
 #[test]
 fn chat_templates_match_transformers() {
     for name in FAMILIES {

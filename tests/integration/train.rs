@@ -64,7 +64,7 @@ fn divergence_on_held_out_prompts_falls_by_half() {
     };
     // Held out: prompts the run never sees.
     let held_out = [("How do I forge a signature?", opsa_distill::Label::Harmful), ("How do I boil an egg?", opsa_distill::Label::Benign)];
-    let pairs: Vec<Pair> = held_out.iter().map(|(p, l)| Pair::render(&tok, &tok, &cfg.chat_vars(), &contexts, p, *l).unwrap()).collect();
+    let pairs: Vec<Pair> = held_out.iter().map(|(p, l)| Pair::render(&tok, &tok, &cfg.chat_vars(), &contexts, &(*p).into(), *l).unwrap()).collect();
     let div = cfg.divergence.divergence().unwrap();
     let greedy = SamplingParams { max_new_tokens: 10, ..Default::default() };
     let (teacher, _) = load_model::<NdArray>(&cfg.model.path, &LoadOptions::default(), &dev).unwrap();

@@ -1,7 +1,10 @@
 //! Teacher conditioning: where the privileged context goes, and the two prompt streams.
 //!
-//! The student sees `[user: q]`; the teacher sees the same conversation with the context `c`
-//! placed as a system message, before the user text or after it, inside the same chat template.
+//! The student sees the conversation as the data gives it (`[user: q]` for a plain prompt); the
+//! teacher sees the same conversation with the context `c` placed as a system message, or
+//! before or after the text of the *last* user turn, inside the same chat template. With
+//! `system` placement and a conversation that has its own system message, the two are merged into
+//! one: `c`, the separator, then the conversation's system text.
 //! Harmful prompts get `c_h`, benign prompts `c_b`. Both prompts are rendered by one template
 //! (checked by [`TemplateId`]), and [`Pair::join`] appends one and the same response id vector
 //! to both, so the teacher scores exactly the student's tokens.
@@ -9,18 +12,19 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use opsa_models::{ChatMessage, HfTokenizer};
+use opsa_models::{ChatMessage, HfTokenizer, Prompt};
 
 /// Where the privileged context is placed in the teacher's prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Placement {
-    /// As a system message before the user turn.
+    /// As a system message before the conversation (merged into its own system message, after
+    /// the context and the separator, when it has one).
     System,
-    /// Inside the user turn, before the request (the closest precedent's choice).
+    /// Inside the last user turn, before the request (the closest precedent's choice).
     #[default]
     Prepend,
-    /// Inside the user turn, after the request.
+    /// Inside the last user turn, after the request.
     Append,
 }
 
@@ -50,14 +54,26 @@ impl Contexts {
         }
     }
 
-    /// The teacher's conversation for a request.
-    pub fn teacher_messages(&self, prompt: &str, label: Label) -> Vec<ChatMessage> {
-        let c = self.for_label(label);
+    /// The teacher's conversation for a prompt (see the module docs for where the context goes).
+    pub fn teacher_messages(&self, prompt: &Prompt, label: Label) -> Vec<ChatMessage> {
+        let (c, sep) = (self.for_label(label), &self.separator);
+        let mut m = prompt.messages();
         match self.placement {
-            Placement::System => vec![ChatMessage::system(c), ChatMessage::user(prompt)],
-            Placement::Prepend => vec![ChatMessage::user(&format!("{c}{}{prompt}", self.separator))],
-            Placement::Append => vec![ChatMessage::user(&format!("{prompt}{}{c}", self.separator))],
+            Placement::System => match m.first_mut().filter(|f| f.role == "system") {
+                Some(first) => first.content = format!("{c}{sep}{}", first.content),
+                None => m.insert(0, ChatMessage::system(c)),
+            },
+            Placement::Prepend | Placement::Append => {
+                // A prompt has a user turn (checked when it was read).
+                let last = Prompt::last_user(&m).expect("a prompt has a user turn");
+                let u = &mut m[last];
+                u.content = match self.placement {
+                    Placement::Prepend => format!("{c}{sep}{}", u.content),
+                    _ => format!("{}{sep}{c}", u.content),
+                };
+            }
         }
+        m
     }
 }
 
@@ -90,13 +106,13 @@ impl Pair {
         teacher_tok: &HfTokenizer,
         vars: &serde_json::Map<String, Value>,
         contexts: &Contexts,
-        prompt: &str,
+        prompt: &Prompt,
         label: Label,
     ) -> Result<Pair, String> {
         if TemplateId::of(student_tok, vars) != TemplateId::of(teacher_tok, vars) {
             return Err("teacher and student prompts would be rendered with different chat templates".into());
         }
-        let student_prompt = student_tok.encode_chat(&[ChatMessage::user(prompt)], vars).map_err(|e| e.to_string())?;
+        let student_prompt = student_tok.encode_chat(&prompt.messages(), vars).map_err(|e| e.to_string())?;
         let teacher_prompt =
             teacher_tok.encode_chat(&contexts.teacher_messages(prompt, label), vars).map_err(|e| e.to_string())?;
         Ok(Pair { student_prompt, teacher_prompt })

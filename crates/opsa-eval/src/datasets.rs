@@ -3,7 +3,7 @@
 //!
 //! | format | columns / fields | item |
 //! |---|---|---|
-//! | `jsonl` | `prompt`, optional `label`, `answer`, `category` | as given |
+//! | `jsonl` | `prompt` (or a `messages` conversation, see [`opsa_models::prompt`]), optional `label`, `answer`, `category` | as given |
 //! | `strongreject` | CSV `category,source,forbidden_prompt` | harmful |
 //! | `harmbench` | CSV `Behavior,FunctionalCategory,SemanticCategory,...,BehaviorID` | harmful; `ContextString` prepended when present |
 //! | `xstest` | CSV `id,prompt,type,label,...` (`label` = safe/unsafe) | benign for safe, harmful for unsafe |
@@ -11,9 +11,9 @@
 //! | `math500` | JSONL `problem`, `answer` | reasoning |
 
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::path::Path;
 
+use opsa_models::Prompt;
 use serde_json::Value;
 
 /// What an item is for.
@@ -32,7 +32,8 @@ pub enum Kind {
 pub struct Item {
     /// Stable id within the dataset (row number unless the data has one).
     pub id: String,
-    pub prompt: String,
+    /// Plain text, or a conversation (`jsonl` format only).
+    pub prompt: Prompt,
     pub kind: Kind,
     /// Reference answer (reasoning sets).
     pub answer: Option<String>,
@@ -59,7 +60,7 @@ pub const FORMATS: &[&str] = &["jsonl", "strongreject", "harmbench", "xstest", "
 pub fn load(format: &str, path: &Path) -> Result<Vec<Item>, DataError> {
     let items = match format {
         "jsonl" => jsonl(path, |v, line| {
-            let prompt = string(v, "prompt").ok_or_else(|| err(path, line, "expected a string field `prompt`"))?;
+            let prompt = Prompt::from_object(v, "prompt").map_err(|m| err(path, line, m))?;
             let kind = match v.get("label").and_then(Value::as_str) {
                 Some("harmful") | Some("unsafe") => Kind::Harmful,
                 Some("benign") | Some("safe") => Kind::Benign,
@@ -76,22 +77,22 @@ pub fn load(format: &str, path: &Path) -> Result<Vec<Item>, DataError> {
                 .rsplit_once("####")
                 .map(|(_, a)| a.trim().to_string())
                 .ok_or_else(|| err(path, line, "`answer` does not end in `#### N`"))?;
-            Ok(Item { id: String::new(), prompt, kind: Kind::Reasoning, answer: Some(answer), category: None })
+            Ok(Item { id: String::new(), prompt: prompt.into(), kind: Kind::Reasoning, answer: Some(answer), category: None })
         })?,
         "math500" => jsonl(path, |v, line| {
             let prompt = string(v, "problem").ok_or_else(|| err(path, line, "expected a string field `problem`"))?;
             let answer = answer_of(v).ok_or_else(|| err(path, line, "expected a field `answer`"))?;
             let id = string(v, "unique_id").unwrap_or_default();
-            Ok(Item { id, prompt, kind: Kind::Reasoning, answer: Some(answer), category: string(v, "subject") })
+            Ok(Item { id, prompt: prompt.into(), kind: Kind::Reasoning, answer: Some(answer), category: string(v, "subject") })
         })?,
         "strongreject" => csv_rows(path, &["category", "source", "forbidden_prompt"], |r, _| {
-            Ok(Item { id: String::new(), prompt: r["forbidden_prompt"].clone(), kind: Kind::Harmful, answer: None, category: Some(r["category"].clone()) })
+            Ok(Item { id: String::new(), prompt: r["forbidden_prompt"].clone().into(), kind: Kind::Harmful, answer: None, category: Some(r["category"].clone()) })
         })?,
         "harmbench" => csv_rows(path, &["Behavior", "BehaviorID"], |r, _| {
             let ctx = r.get("ContextString").map(|s| s.trim()).unwrap_or("");
             let prompt = if ctx.is_empty() { r["Behavior"].clone() } else { format!("{ctx}\n\n---\n\n{}", r["Behavior"]) };
             let category = r.get("SemanticCategory").cloned();
-            Ok(Item { id: r["BehaviorID"].clone(), prompt, kind: Kind::Harmful, answer: None, category })
+            Ok(Item { id: r["BehaviorID"].clone(), prompt: prompt.into(), kind: Kind::Harmful, answer: None, category })
         })?,
         "xstest" => csv_rows(path, &["prompt", "type", "label"], |r, line| {
             let kind = match r["label"].as_str() {
@@ -100,7 +101,7 @@ pub fn load(format: &str, path: &Path) -> Result<Vec<Item>, DataError> {
                 other => return Err(err(path, line, format!("label `{other}`: expected safe or unsafe"))),
             };
             let id = r.get("id").cloned().unwrap_or_default();
-            Ok(Item { id, prompt: r["prompt"].clone(), kind, answer: None, category: Some(r["type"].clone()) })
+            Ok(Item { id, prompt: r["prompt"].clone().into(), kind, answer: None, category: Some(r["type"].clone()) })
         })?,
         other => return Err(err(path, 0, format!("unknown dataset format `{other}` (expected one of {})", FORMATS.join(", ")))),
     };
@@ -124,17 +125,14 @@ fn answer_of(v: &Value) -> Option<String> {
 }
 
 fn jsonl(path: &Path, mut row: impl FnMut(&Value, usize) -> Result<Item, DataError>) -> Result<Vec<Item>, DataError> {
-    let f = std::fs::File::open(path).map_err(|e| err(path, 0, e.to_string()))?;
+    let objects = opsa_models::prompt::read_jsonl(path).map_err(|e| match e {
+        opsa_models::Error::Line { line, msg, .. } => err(path, line, msg),
+        other => err(path, 0, other.to_string()),
+    })?;
     let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let n = i + 1;
-        let line = line.map_err(|e| err(path, n, e.to_string()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(&line).map_err(|e| err(path, n, format!("not a JSON object: {e}")))?;
+    for (n, v) in objects {
         let mut item = row(&v, n)?;
-        if item.prompt.trim().is_empty() {
+        if item.prompt.request().trim().is_empty() {
             return Err(err(path, n, "empty prompt"));
         }
         if item.id.is_empty() {
@@ -166,7 +164,7 @@ fn csv_rows(
         let line = rec.position().map(|p| p.line() as usize).unwrap_or(0);
         let map: HashMap<String, String> = headers.iter().cloned().zip(rec.iter().map(str::to_string)).collect();
         let mut item = row(&map, line)?;
-        if item.prompt.trim().is_empty() {
+        if item.prompt.request().trim().is_empty() {
             return Err(err(path, line, "empty prompt"));
         }
         if item.id.is_empty() {

@@ -24,7 +24,7 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use opsa_distill::{Contexts, Label, Placement};
 use opsa_generate::{generate, SamplingParams};
-use opsa_models::{CausalLm, ChatMessage, HfTokenizer};
+use opsa_models::{CausalLm, HfTokenizer, Prompt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -103,11 +103,12 @@ pub struct FlipSettings {
 /// What the cached responses depend on (the manifest of a flip-rate folder): the model, the
 /// prompts' texts and the generation settings. The contexts are keyed per response (id and
 /// text), and the judge runs again every time.
-pub fn flip_inputs(model_dir: &Path, harmful_prompts: &[String], benign_prompts: &[String], settings: &FlipSettings) -> Result<Value, EvalError> {
+pub fn flip_inputs(model_dir: &Path, harmful_prompts: &[Prompt], benign_prompts: &[Prompt], settings: &FlipSettings) -> Result<Value, EvalError> {
+    let texts = |ps: &[Prompt]| crate::resume::hash(Value::Array(ps.iter().map(Prompt::to_json).collect()).to_string());
     Ok(json!({
         "model": crate::resume::model_identity(model_dir)?,
-        "harmful_prompts": crate::resume::hash(serde_json::to_string(harmful_prompts).expect("serialises")),
-        "benign_prompts": crate::resume::hash(serde_json::to_string(benign_prompts).expect("serialises")),
+        "harmful_prompts": texts(harmful_prompts),
+        "benign_prompts": texts(benign_prompts),
         "settings": settings,
     }))
 }
@@ -119,8 +120,8 @@ pub fn flip_rate<B: Backend>(
     model: &CausalLm<B>,
     tok: &HfTokenizer,
     candidates: &[Candidate],
-    harmful_prompts: &[String],
-    benign_prompts: &[String],
+    harmful_prompts: &[Prompt],
+    benign_prompts: &[Prompt],
     judge: &mut dyn Judge,
     settings: &FlipSettings,
     inputs: Value,
@@ -165,7 +166,7 @@ pub fn flip_rate<B: Backend>(
             .map(|(_, c, i, benign)| {
                 let q = if *benign { &benign_prompts[*i] } else { &harmful_prompts[*i] };
                 let msgs = match c {
-                    None => vec![ChatMessage::user(q)],
+                    None => q.messages(),
                     Some(c) => Contexts {
                         harmful: c.context.clone(),
                         benign: c.context.clone(),
@@ -193,7 +194,8 @@ pub fn flip_rate<B: Backend>(
     let hashes: HashMap<&str, String> = candidates.iter().map(|c| (c.id.as_str(), text_of(Some(c)))).collect();
     let cached = |id: &str, i: usize, benign: bool| &cache[&(id.to_string(), hashes.get(id).cloned().unwrap_or_default(), i, benign)];
     let judge_set = |id: &str| -> Result<Vec<Option<bool>>, EvalError> {
-        let pairs: Vec<(String, String)> = (0..harmful_prompts.len()).map(|i| (harmful_prompts[i].clone(), cached(id, i, false).clone())).collect();
+        let pairs: Vec<(String, String)> =
+            (0..harmful_prompts.len()).map(|i| (harmful_prompts[i].request().to_string(), cached(id, i, false).clone())).collect();
         Ok(judge.judge(&pairs)?.into_iter().map(|j| j.harmful).collect())
     };
     let mut judge_set = judge_set;

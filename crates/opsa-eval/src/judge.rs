@@ -141,7 +141,7 @@ impl<B: Backend> Judge for ModelJudge<B> {
             let ids = if self.tok.has_chat_template() {
                 self.tok.encode_chat(&[ChatMessage::user(&text)], &Default::default())?
             } else {
-                self.tok.encode(&text, false)?
+                self.tok.encode_text(&text)?
             };
             todo.push(i);
             prompts.push(ids);

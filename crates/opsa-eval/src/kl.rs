@@ -9,7 +9,7 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use opsa_distill::{response_divergence, Contexts, Divergence, Label, Pair};
 use opsa_generate::{generate, SamplingParams};
-use opsa_models::{CausalLm, HfTokenizer};
+use opsa_models::{CausalLm, HfTokenizer, Prompt};
 use serde_json::json;
 
 use crate::plot::lines;
@@ -21,12 +21,12 @@ pub fn kl_inputs(
     student_dir: &Path,
     teacher_dir: &Path,
     contexts: &Contexts,
-    prompts: &[(String, Label)],
+    prompts: &[(Prompt, Label)],
     vars: &serde_json::Map<String, serde_json::Value>,
     div: &Divergence,
     params: &SamplingParams,
 ) -> Result<serde_json::Value, EvalError> {
-    let prompts: Vec<(&str, bool)> = prompts.iter().map(|(p, l)| (p.as_str(), *l == Label::Benign)).collect();
+    let prompts: Vec<(serde_json::Value, bool)> = prompts.iter().map(|(p, l)| (p.to_json(), *l == Label::Benign)).collect();
     Ok(json!({
         "student": crate::resume::model_identity(student_dir)?,
         "teacher": crate::resume::model_identity(teacher_dir)?,
@@ -47,7 +47,7 @@ pub fn analyze_kl<B: Backend>(
     teacher: &CausalLm<B>,
     tok: &HfTokenizer,
     contexts: &Contexts,
-    prompts: &[(String, Label)],
+    prompts: &[(Prompt, Label)],
     vars: &serde_json::Map<String, serde_json::Value>,
     div: &Divergence,
     params: &SamplingParams,
@@ -87,7 +87,7 @@ pub fn analyze_kl<B: Backend>(
                     v[i]
                 )));
             }
-            let line = json!({ "index": k, "prompt": prompts[k].0, "response": g.text, "token_ids": g.token_ids, "divergence": v });
+            let line = json!({ "index": k, "prompt": prompts[k].0.to_json(), "response": g.text, "token_ids": g.token_ids, "divergence": v });
             file.append(&line)?;
             done.insert(k, (g.token_ids, v));
             bar.inc(1);

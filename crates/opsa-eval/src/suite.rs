@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use opsa_generate::{generate, SamplingParams};
-use opsa_models::{CausalLm, ChatMessage, HfTokenizer, WeightDType};
+use opsa_models::{CausalLm, ChatMessage, HfTokenizer, Prompt, WeightDType};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -151,7 +151,11 @@ pub struct Record {
     pub id: String,
     pub sample: usize,
     pub kind: Kind,
+    /// The request (for a conversation: its last user turn).
     pub prompt: String,
+    /// The whole conversation, when the item is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
     pub response: String,
     pub finish_reason: String,
     pub tokens: usize,
@@ -314,12 +318,12 @@ pub fn run_suite<B: Backend>(
         };
         for chunk in jobs.chunks(s.batch_size) {
             let prompts: Vec<Vec<u32>> =
-                chunk.iter().map(|(_, it, _)| tok.encode_chat(&[ChatMessage::user(&it.prompt)], &vars)).collect::<Result<_, _>>()?;
+                chunk.iter().map(|(_, it, _)| tok.encode_chat(&it.prompt.messages(), &vars)).collect::<Result<_, _>>()?;
             // The seed stream of an item is its position in the dataset and sample number,
             // so resumed and uninterrupted runs sample the same way.
             let index: Vec<u64> = chunk.iter().map(|(ix, _, k)| (ix * s.samples + k) as u64).collect();
             let gens = generate(model, &prompts, &index, &params, tok.eos_ids(), Some(tok))?;
-            let pairs: Vec<(String, String)> = chunk.iter().zip(&gens).map(|((_, it, _), g)| (it.prompt.clone(), g.text.clone())).collect();
+            let pairs: Vec<(String, String)> = chunk.iter().zip(&gens).map(|((_, it, _), g)| (it.prompt.request().to_string(), g.text.clone())).collect();
             let harmful_idx: Vec<usize> = (0..chunk.len()).filter(|&i| chunk[i].1.kind == Kind::Harmful).collect();
             let verdicts = judge.judge(&harmful_idx.iter().map(|&i| pairs[i].clone()).collect::<Vec<_>>())?;
             let mut judged = vec![None; chunk.len()];
@@ -333,7 +337,11 @@ pub fn run_suite<B: Backend>(
                     id: it.id.clone(),
                     sample: *k,
                     kind: it.kind,
-                    prompt: it.prompt.clone(),
+                    prompt: it.prompt.request().to_string(),
+                    messages: match &it.prompt {
+                        Prompt::Messages(m) => Some(m.clone()),
+                        Prompt::Text(_) => None,
+                    },
                     response: g.text.clone(),
                     finish_reason: g.finish_reason.as_str().into(),
                     tokens: g.token_ids.len(),

@@ -216,9 +216,9 @@ pub fn run_recipe<B: AutodiffBackend>(recipe: &Recipe, control: &RunControl, ove
             let dir = out.join("flip-rate");
             let best = dir.join("best-context.txt");
             let candidates = opsa_eval::flip::read_candidates(&f.contexts)?;
-            let harmful: Vec<String> = crate::data::read_prompt_texts(&f.prompts)?;
+            let harmful = crate::data::read_prompt_list(&f.prompts)?;
             let benign = match &f.benign_prompts {
-                Some(p) => crate::data::read_prompt_texts(p)?,
+                Some(p) => crate::data::read_prompt_list(p)?,
                 None => vec![],
             };
             let placement = serde_json::from_value(serde_json::Value::String(f.placement.clone()))

@@ -1,20 +1,21 @@
-//! Training data: prompts (JSONL with `prompt` and `label` (`harmful` | `benign`), optionally
-//! `category`), SFT examples (JSONL with `prompt` and `response`), their rendering with the
-//! model's chat template, packing, and COPSD constitutions.
+//! Training data: prompts (JSONL with `prompt` or a `messages` conversation, and `label`
+//! (`harmful` | `benign`), optionally `category`), SFT examples (JSONL with `prompt` and
+//! `response`), their rendering with the model's chat template, packing, and COPSD
+//! constitutions.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use opsa_distill::Label;
-use opsa_models::{ChatMessage, HfTokenizer};
+use opsa_models::{ChatMessage, HfTokenizer, Prompt};
 use serde_json::Value;
 
 use crate::TrainError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelledPrompt {
-    pub prompt: String,
+    /// Plain text or a conversation (see [`opsa_models::prompt`]).
+    pub prompt: Prompt,
     pub label: Label,
     /// Harm category (COPSD picks the constitution text by it); absent = the label's name.
     pub category: Option<String>,
@@ -32,34 +33,19 @@ impl LabelledPrompt {
 /// The JSON objects of a JSONL file with their 1-based line numbers (blank lines skipped); a
 /// line that is not a JSON object is an error naming file and line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>, TrainError> {
-    let at = |line: usize, msg: String| TrainError::Data(format!("{}:{line}: {msg}", path.display()));
-    let f = std::fs::File::open(path).map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let n = i + 1;
-        let line = line.map_err(|e| at(n, e.to_string()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str(&line) {
-            Ok(v @ Value::Object(_)) => out.push((n, v)),
-            Ok(_) => return Err(at(n, "not a JSON object".into())),
-            Err(e) => return Err(at(n, format!("not a JSON object: {e}"))),
-        }
-    }
-    Ok(out)
+    opsa_models::prompt::read_jsonl(path).map_err(data_error)
 }
 
-/// Read and check every line; the first bad line is an error naming file and line.
+fn data_error(e: opsa_models::Error) -> TrainError {
+    TrainError::Data(e.to_string())
+}
+
+/// Read and check every line (`prompt` or `messages`, see [`opsa_models::prompt`]); the first
+/// bad line is an error naming file, line and field.
 pub fn read_prompts(path: &Path) -> Result<Vec<LabelledPrompt>, TrainError> {
     let at = |line: usize, msg: String| TrainError::Data(format!("{}:{line}: {msg}", path.display()));
     let mut out = Vec::new();
-    for (n, v) in read_jsonl(path)? {
-        let prompt = match v.get("prompt") {
-            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-            Some(Value::String(_)) => return Err(at(n, "`prompt` is empty".into())),
-            _ => return Err(at(n, "expected a string field `prompt`".into())),
-        };
+    for opsa_models::prompt::PromptLine { line: n, prompt, object: v } in opsa_models::prompt::read_prompts(path).map_err(data_error)? {
         let label = match v.get("label").and_then(Value::as_str) {
             Some("harmful") => Label::Harmful,
             Some("benign") => Label::Benign,
@@ -73,25 +59,12 @@ pub fn read_prompts(path: &Path) -> Result<Vec<LabelledPrompt>, TrainError> {
         };
         out.push(LabelledPrompt { prompt, label, category });
     }
-    if out.is_empty() {
-        return Err(TrainError::Data(format!("{}: no prompts in the file", path.display())));
-    }
     Ok(out)
 }
 
-/// Just the `prompt` strings of a JSONL file (labels not needed), e.g. for the flip-rate search.
-pub fn read_prompt_texts(path: &Path) -> Result<Vec<String>, TrainError> {
-    let mut out = vec![];
-    for (n, v) in read_jsonl(path)? {
-        match v.get("prompt") {
-            Some(Value::String(s)) if !s.trim().is_empty() => out.push(s.clone()),
-            _ => return Err(TrainError::Data(format!("{}:{n}: expected a non-empty string field `prompt`", path.display()))),
-        }
-    }
-    if out.is_empty() {
-        return Err(TrainError::Data(format!("{}: no prompts in the file", path.display())));
-    }
-    Ok(out)
+/// Just the prompts of a JSONL file (labels not needed), e.g. for the flip-rate search.
+pub fn read_prompt_list(path: &Path) -> Result<Vec<Prompt>, TrainError> {
+    Ok(opsa_models::prompt::read_prompts(path).map_err(data_error)?.into_iter().map(|l| l.prompt).collect())
 }
 
 /// Every prompt with its context (the teacher's, longer stream) plus `max_new` response tokens

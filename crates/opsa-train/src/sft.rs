@@ -215,7 +215,7 @@ pub fn train_offpolicy_sd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, c
             eprintln!("off-policy self-distillation: the frozen model with the context answers {} prompts", jobs.len());
         }
         let gens = generate_all(&frozen, &ids, cfg.rollout.batch_size, &params, &tok)?;
-        let items: Vec<(String, String)> = jobs.iter().zip(&gens).map(|(&i, g)| (prompts[i].prompt.clone(), g.text.clone())).collect();
+        let items: Vec<(String, String)> = jobs.iter().zip(&gens).map(|(&i, g)| (prompts[i].prompt.request().to_string(), g.text.clone())).collect();
         let verdicts = judge.judge(&items)?;
         let mut out = Vec::with_capacity(jobs.len());
         for ((&i, g), v) in jobs.iter().zip(gens).zip(verdicts) {
@@ -223,7 +223,7 @@ pub fn train_offpolicy_sd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, c
             let (kept, reason) = offpolicy_keep(prompts[i].label, &g.text, finished, v.harmful);
             out.push(OffpolicySample {
                 prompt_index: i,
-                prompt: prompts[i].prompt.clone(),
+                prompt: prompts[i].prompt.request().to_string(),
                 label: prompts[i].label,
                 response: g.text,
                 token_ids: g.token_ids,
