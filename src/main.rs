@@ -77,9 +77,13 @@ struct EvalArgs {
     suite: PathBuf,
     #[command(flatten)]
     judge: JudgeArgs,
-    /// Output folder: items.jsonl and summary.json; a rerun skips items already written.
+    /// Output folder: items.jsonl and summary.json; a rerun with the same model, suite and
+    /// judge skips items already written (manifest.json records them).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Start over when --out holds results made from other inputs.
+    #[arg(long)]
+    overwrite: bool,
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
     #[arg(long, default_value = "f32", value_parser = WeightDType::parse)]
@@ -119,6 +123,9 @@ struct FlipArgs {
     /// Output folder: responses.jsonl (resumable), results.json, table.md, best-context.txt.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Start over when --out holds responses made from other inputs.
+    #[arg(long)]
+    overwrite: bool,
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
 }
@@ -140,6 +147,9 @@ struct DemoArgs {
     eval_items: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Redo the stages whose inputs changed (other options, model, data) instead of refusing.
+    #[arg(long)]
+    overwrite: bool,
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
 }
@@ -173,7 +183,8 @@ struct ToyPretrainArgs {
     /// Seed of the world and the initial weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Replace an existing --out folder.
+    /// Replace an existing --out folder, and start the work folder over when it was made with
+    /// other settings.
     #[arg(long)]
     overwrite: bool,
     #[arg(long, value_enum)]
@@ -191,6 +202,9 @@ struct CompareArgs {
     /// Output folder (default: the recipe's out_dir).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Redo the stages whose inputs changed (suite, judge, model, settings) instead of refusing.
+    #[arg(long)]
+    overwrite: bool,
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
 }
@@ -240,6 +254,9 @@ struct ReportArgs {
     /// Output folder: report.md, tradeoff.svg, training_*.svg.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Replace an existing report.md.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -286,6 +303,9 @@ struct KlArgs {
     /// Output folder: kl.json, kl.md, kl_by_position.svg.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Start over when --out holds responses made from other inputs.
+    #[arg(long)]
+    overwrite: bool,
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
 }
@@ -298,9 +318,12 @@ struct TrainArgs {
     /// Override a config key: `--set optim.lr=2e-5 --set train.steps=300` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Continue the run in RUN_DIR from its newest checkpoint.
+    /// Continue the run in RUN_DIR from its newest checkpoint (settings must be the run's).
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
+    /// Start over when train.out_dir holds a run made with other settings, or other files.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// Print the memory plan of this config (weights, masters, moments, gradients, activations,
     /// KV cache, divergence chunk; needs only the model's config.json) and exit.
     #[arg(long)]
@@ -510,7 +533,7 @@ trait Commands {
 }
 
 fn report(a: &ReportArgs) -> Result<()> {
-    let md = opsa_eval::report::report(&a.runs, &a.out)?;
+    let md = opsa_eval::report::report(&a.runs, &a.out, a.overwrite)?;
     print!("{md}");
     eprintln!("report written to {}", a.out.display());
     Ok(())
@@ -522,6 +545,7 @@ fn parse_placement(s: &str) -> Result<opsa_distill::Placement> {
 
 /// A model folder with its tokenizer, config and tokenizer checked against each other.
 fn open_model<B: Backend>(dir: &Path, dtype: WeightDType, device: &B::Device) -> Result<(opsa_models::CausalLm<B>, HfTokenizer)> {
+    opsa_models::checkpoint::restore_interrupted(dir)?;
     if !dir.is_dir() {
         bail!("{}: model folder does not exist or is not a folder", dir.display());
     }
@@ -537,10 +561,10 @@ fn open_model<B: Backend>(dir: &Path, dtype: WeightDType, device: &B::Device) ->
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Long work that Ctrl-C stops cleanly: the current step finishes, a checkpoint is saved, and
-/// running the same command again continues from it.
-fn interruptible() -> opsa_train::RunControl<'static> {
-    let _ = ctrlc::set_handler(|| {
-        eprintln!("\ninterrupt: finishing this step, saving a checkpoint, then stopping (run the same command again, or --resume, to continue)");
+/// `how_to_continue` (said on Ctrl-C) continues from it.
+fn interruptible(how_to_continue: String) -> opsa_train::RunControl<'static> {
+    let _ = ctrlc::set_handler(move || {
+        eprintln!("\ninterrupt: finishing this step, saving a checkpoint, then stopping ({how_to_continue} to continue)");
         INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
     });
     opsa_train::RunControl { interrupt: Some(&INTERRUPTED), stop_after: None, progress: true }
@@ -631,7 +655,8 @@ impl<B: Backend> Commands for Runner<B> {
         for start in (0..prompts.len()).step_by(bs) {
             let end = (start + bs).min(prompts.len());
             let idx: Vec<u64> = (start as u64..end as u64).collect();
-            let gens = generate(&l.model, &encoded[start..end], &idx, &params, l.tok.eos_ids(), Some(&l.tok))?;
+            let gens = generate(&l.model, &encoded[start..end], &idx, &params, l.tok.eos_ids(), Some(&l.tok))
+                .with_context(|| format!("model {}", a.m.model.display()))?;
             for (i, g) in (start..end).zip(gens) {
                 if a.m.json {
                     let obj = json!({
@@ -669,12 +694,17 @@ impl<B: Backend> Commands for Runner<B> {
         let suite = opsa_eval::suite::Suite::load(&a.suite)?;
         let mut judge = opsa_eval::judge::from_spec::<B>(&a.judge.judge, a.judge.judge_template.as_deref(), &self.device)?;
         let (model, tok) = open_model::<B>(&a.model, a.dtype, &self.device)?;
-        let summary = opsa_eval::suite::run_suite(&model, &tok, &suite, judge.as_mut(), &a.out, true)?;
+        let inputs = opsa_eval::suite::eval_inputs(&a.model, a.dtype, &suite, judge.as_ref())?;
+        let summary = opsa_eval::suite::run_suite(&model, &tok, &suite, judge.as_mut(), inputs, &a.out, a.overwrite, true)
+            .with_context(|| format!("evaluating {}", a.model.display()))?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
         Ok(())
     }
 
     fn flip_rate(&self, a: &FlipArgs) -> Result<()> {
+        if a.max_new_tokens == 0 || a.batch_size == 0 {
+            bail!("--max-new-tokens and --batch-size must be at least 1");
+        }
         let candidates = opsa_eval::flip::read_candidates(&a.contexts)?;
         let harmful: Vec<Prompt> = opsa_eval::datasets::load(&a.prompts_format, &a.prompts)?
             .into_iter()
@@ -698,7 +728,9 @@ impl<B: Backend> Commands for Runner<B> {
             batch_size: a.batch_size,
             vars: parse_template_vars(&a.template_vars)?,
         };
-        opsa_eval::flip::flip_rate(&model, &tok, &candidates, &harmful, &benign, judge.as_mut(), &settings, &a.out, true)?;
+        let inputs = opsa_eval::flip::flip_inputs(&a.model, &harmful, &benign, &settings)?;
+        opsa_eval::flip::flip_rate(&model, &tok, &candidates, &harmful, &benign, judge.as_mut(), &settings, inputs, &a.out, a.overwrite, true)
+            .with_context(|| format!("model {}", a.model.display()))?;
         print!("{}", std::fs::read_to_string(a.out.join("table.md"))?);
         eprintln!("best harmful context written to {}", a.out.join("best-context.txt").display());
         Ok(())
@@ -746,7 +778,10 @@ impl<B: Backend> Commands for Runner<B> {
         };
         let params = SamplingParams { temperature: a.temperature, max_new_tokens: a.max_new_tokens, seed: a.seed, ..Default::default() };
         let vars = parse_template_vars(&a.template_vars)?;
-        opsa_eval::kl::analyze_kl(&student, &teacher, &tok, &contexts, &prompts, &vars, &div, &params, &a.out, a.top)?;
+        let teacher_dir = a.teacher.as_ref().unwrap_or(&a.student);
+        let inputs = opsa_eval::kl::kl_inputs(&a.student, teacher_dir, &contexts, &prompts, &vars, &div, &params)?;
+        opsa_eval::kl::analyze_kl(&student, &teacher, &tok, &contexts, &prompts, &vars, &div, &params, inputs, &a.out, a.overwrite, a.top)
+            .with_context(|| format!("student {}, teacher {}", a.student.display(), teacher_dir.display()))?;
         print!("{}", std::fs::read_to_string(a.out.join("kl.md"))?);
         Ok(())
     }
@@ -767,7 +802,13 @@ impl<B: Backend> Commands for Runner<B> {
             print!("{}", plan.render());
             return Ok(());
         }
-        let control = interruptible();
+        if let Some(run) = &a.resume {
+            if !run.join(opsa_eval::resume::MANIFEST).exists() && !run.join("config.toml").exists() {
+                bail!("{}: no run to resume (no manifest.json or config.toml)", run.display());
+            }
+        }
+        opsa_train::run::claim_run(&cfg, a.resume.is_some(), a.overwrite)?;
+        let control = interruptible(format!("continue with `opsa train --resume {}`", cfg.train.out_dir.display()));
         use opsa_train::config::Method;
         type A<B> = burn::backend::Autodiff<B>;
         let (resume, d) = (a.resume.is_some(), &self.device);
@@ -796,9 +837,9 @@ impl<B: Backend> Commands for Runner<B> {
             }
         });
         let o = opsa_train::toy::demo::DemoOptions { out: a.out.clone(), model, steps: a.steps, eval_items: a.eval_items, seed: a.seed, progress: true };
-        let control = interruptible();
+        let control = interruptible("run the same command again".into());
         let start = std::time::Instant::now();
-        let text = opsa_train::toy::demo::run_demo::<burn::backend::Autodiff<B>>(&o, &control, &self.device)?;
+        let text = opsa_train::toy::demo::run_demo::<burn::backend::Autodiff<B>>(&o, &control, a.overwrite, &self.device)?;
         println!("{text}");
         eprintln!("demo finished in {:.0} s", start.elapsed().as_secs_f64());
         Ok(())
@@ -815,7 +856,7 @@ impl<B: Backend> Commands for Runner<B> {
             lr: a.lr,
             overwrite: a.overwrite,
         };
-        let control = interruptible();
+        let control = interruptible("run the same command again".into());
         let out = opsa_train::toy::pretrain::<burn::backend::Autodiff<B>>(&o, &control, &self.device)?;
         eprintln!("done: {} (work files in {})", out.display(), a.work.display());
         Ok(())
@@ -826,8 +867,8 @@ impl<B: Backend> Commands for Runner<B> {
         if let Some(o) = &a.out {
             recipe.out_dir = o.clone();
         }
-        let control = interruptible();
-        let md = opsa_train::compare::run_recipe::<burn::backend::Autodiff<B>>(&recipe, &control, &self.device)?;
+        let control = interruptible("run the same command again".into());
+        let md = opsa_train::compare::run_recipe::<burn::backend::Autodiff<B>>(&recipe, &control, a.overwrite, &self.device)?;
         print!("{md}");
         eprintln!("report written to {}", recipe.out_dir.join("report").display());
         Ok(())
@@ -835,8 +876,10 @@ impl<B: Backend> Commands for Runner<B> {
 
     fn refine(&self, a: &RefineArgs) -> Result<()> {
         let summary_path = a.out.with_extension("summary.json");
-        if a.out.exists() && !a.overwrite {
-            bail!("{}: already exists (pass --overwrite to replace it)", a.out.display());
+        for p in [&a.out, &summary_path] {
+            if p.exists() && !a.overwrite {
+                bail!("{}: already exists (pass --overwrite to replace it)", p.display());
+            }
         }
         let template = opsa_train::refine::load_template(a.template.as_deref())?;
         if a.batch_size == 0 || a.max_new_tokens == 0 {
@@ -888,7 +931,7 @@ impl<B: Backend> Commands for Runner<B> {
         };
         let prompt_ids = l.encode_prompt(&a.m, &prompt)?;
         let response_ids = l.tok.encode(&a.response, false)?;
-        let logprobs = score(&l.model, &prompt_ids, &response_ids)?;
+        let logprobs = score(&l.model, &prompt_ids, &response_ids).with_context(|| format!("model {}", a.m.model.display()))?;
         if a.m.json {
             println!("{}", json!({ "prompt_ids": prompt_ids, "response_ids": response_ids, "logprobs": logprobs }));
         } else {

@@ -219,7 +219,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Json { path: index.clone(), source: e })?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Json { path: index.clone(), err: e })?;
         let map = v
             .get("weight_map")
             .and_then(Value::as_object)
@@ -241,8 +241,17 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Err(Error::invalid(dir, "no model.safetensors or model.safetensors.index.json in this folder"))
 }
 
+/// A missing folder that an interrupted [`save_model`] was replacing is put back.
+pub fn restore_interrupted(dir: &Path) -> Result<()> {
+    match (dir.exists(), dir.parent().filter(|p| !p.as_os_str().is_empty()), dir.file_name()) {
+        (false, Some(parent), Some(name)) => recover_leftovers(parent, Some(&name.to_string_lossy())),
+        _ => Ok(()),
+    }
+}
+
 /// Load a Hugging Face folder: `config.json` and its safetensors weights.
 pub fn load_model<B: Backend>(dir: &Path, opts: &LoadOptions, device: &B::Device) -> Result<(CausalLm<B>, ModelConfig)> {
+    restore_interrupted(dir)?;
     if !dir.is_dir() {
         return Err(Error::invalid(dir, "model folder does not exist or is not a folder"));
     }
@@ -370,7 +379,9 @@ pub fn config_dtype(cfg: &ModelConfig) -> Option<WeightDType> {
 ///
 /// The folder is written under a temporary name next to `out` and renamed into place, so a
 /// crash never leaves a half-written checkpoint. An existing `out` is an error unless
-/// `overwrite` is set, in which case it is replaced only after the new folder is complete.
+/// `overwrite` is set, in which case it is replaced only after the new folder is complete, and
+/// only when it is a model folder (or empty): never a file or someone's other folder. What an
+/// interrupted earlier call left next to `out` is cleaned up first ([`recover_leftovers`]).
 pub fn save_model<B: Backend>(
     model: &CausalLm<B>,
     config: &ModelConfig,
@@ -379,12 +390,16 @@ pub fn save_model<B: Backend>(
     dtype: WeightDType,
     overwrite: bool,
 ) -> Result<()> {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file_name = out.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+    recover_leftovers(parent, Some(&file_name))?;
     if out.exists() && !overwrite {
         return Err(Error::invalid(out, "already exists (refusing to overwrite it)"));
     }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if out.exists() && !is_replaceable(out) {
+        return Err(Error::invalid(out, "exists and is not a model folder (no config.json); refusing to replace it"));
+    }
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let file_name = out.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
     let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -482,4 +497,78 @@ fn write_folder<B: Backend>(
         }
     }
     Ok(())
+}
+
+/// A folder `save_model` may replace: a model folder (it has `config.json`) or an empty one.
+fn is_replaceable(out: &Path) -> bool {
+    out.is_dir() && (out.join("config.json").is_file() || std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false))
+}
+
+/// Whether process `pid` still runs (where `/proc` tells; elsewhere it is taken as gone).
+fn pid_alive(pid: u32) -> bool {
+    pid == std::process::id() || (Path::new("/proc/self").exists() && Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Clean what interrupted atomic writes left in `parent` (for the entry `name`, or any):
+/// `.NAME.tmp-PID` folders of processes that are gone are removed, and `.NAME.old-PID` (the
+/// folder a swap was replacing when it was killed) is put back as `NAME` when `NAME` is missing,
+/// else removed. So a kill at any moment of [`save_model`] leaves the old or the new folder.
+pub fn recover_leftovers(parent: &Path, name: Option<&str>) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(parent) else { return Ok(()) };
+    let mut found: Vec<(String, bool, PathBuf)> = Vec::new();
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = file.strip_prefix('.') else { continue };
+        for (tag, old) in [(".tmp-", false), (".old-", true)] {
+            let Some((target, pid)) = rest.rsplit_once(tag) else { continue };
+            let ours = name.is_none_or(|n| n == target);
+            if ours && pid.parse::<u32>().is_ok_and(|p| !pid_alive(p)) {
+                found.push((target.to_string(), old, e.path()));
+            }
+        }
+    }
+    found.sort_by_key(|(_, old, _)| !old); // restore before removing
+    for (target, old, path) in found {
+        let dest = parent.join(&target);
+        if old && !dest.exists() {
+            tracing::warn!("{}: restoring the folder an interrupted write was replacing", dest.display());
+            std::fs::rename(&path, &dest).map_err(|e| Error::io(&path, e))?;
+        } else {
+            tracing::info!("removing {}, left by an interrupted write", path.display());
+            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// A fingerprint of a model folder: SHA-256 over `config.json`, and per weight file its name,
+/// size, safetensors header and 16 evenly spaced 4 KiB samples of its data. Cheap on any size,
+/// it changes with the config, the tensor list, the dtypes and shapes, and with retrained weights.
+pub fn fingerprint(dir: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    let mut h = Sha256::new();
+    let config = dir.join("config.json");
+    h.update(std::fs::read(&config).map_err(|e| Error::io(&config, e))?);
+    for p in weight_files(dir)? {
+        let mut f = File::open(&p).map_err(|e| Error::io(&p, e))?;
+        let len = f.metadata().map_err(|e| Error::io(&p, e))?.len();
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n).map_err(|e| Error::io(&p, e))?;
+        let header_len = u64::from_le_bytes(n).min(len.saturating_sub(8));
+        let mut header = vec![0u8; header_len as usize];
+        f.read_exact(&mut header).map_err(|e| Error::io(&p, e))?;
+        h.update(p.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
+        h.update(len.to_le_bytes());
+        h.update(&header);
+        let (start, data) = (8 + header_len, len - 8 - header_len);
+        let mut block = vec![0u8; 4096.min(data as usize)];
+        for k in 0..16 {
+            f.seek(SeekFrom::Start(start + (data - block.len() as u64) * k / 15)).map_err(|e| Error::io(&p, e))?;
+            f.read_exact(&mut block).map_err(|e| Error::io(&p, e))?;
+            h.update(&block);
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

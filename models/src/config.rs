@@ -61,7 +61,7 @@ impl ModelConfig {
 
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
         let raw: Value =
-            serde_json::from_str(text).map_err(|e| Error::Json { path: path.into(), source: e })?;
+            serde_json::from_str(text).map_err(|e| Error::Json { path: path.into(), err: e })?;
         let model_type = raw
             .get("model_type")
             .and_then(Value::as_str)
@@ -89,6 +89,7 @@ impl ModelConfig {
             ModelConfig::Llama(c, raw) => c.decoder(raw, path)?,
         };
         d.validate(path)?;
+        check_sizes(&d, path)?;
         Ok(d)
     }
 
@@ -194,6 +195,26 @@ fn check_no_sliding_window(raw: &Value, num_layers: usize, max_pos: usize, path:
 fn check_act(act: &str, path: &Path) -> Result<()> {
     if act != "silu" {
         return Err(Error::invalid(path, format!("hidden_act `{act}` is not supported (expected silu)")));
+    }
+    Ok(())
+}
+
+/// Every weight's element count must be a number a machine can hold: sizes such as
+/// `num_attention_heads = 2^62` are refused here, by name, instead of wrapping around.
+fn check_sizes(d: &DecoderConfig, path: &Path) -> Result<()> {
+    let (h, hd, i, v) = (d.hidden_size, d.head_dim, d.intermediate_size, d.vocab_size);
+    let products = [
+        ("num_attention_heads × head_dim × hidden_size", [d.num_attention_heads, hd, h]),
+        ("num_key_value_heads × head_dim × hidden_size", [d.num_key_value_heads, hd, h]),
+        ("intermediate_size × hidden_size", [i, h, 1]),
+        ("vocab_size × hidden_size", [v, h, 1]),
+        ("num_hidden_layers × hidden_size", [d.num_hidden_layers, h, 1]),
+    ];
+    for (what, [a, b, c]) in products {
+        let n = a.checked_mul(b).and_then(|x| x.checked_mul(c)).filter(|&n| n <= 1 << 40);
+        if n.is_none() {
+            return Err(Error::Invalid { path: path.to_path_buf(), msg: format!("{what} = {a} × {b} × {c} is too large for any model (over 2^40 weights)") });
+        }
     }
     Ok(())
 }

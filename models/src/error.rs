@@ -4,18 +4,12 @@ use std::path::PathBuf;
 /// or tensor it is about, so that the CLI can print one clear line.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: invalid JSON: {source}", path.display())]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    /// The OS message is part of the text and not a `source()` as well, so that a chain printed
+    /// with `{:#}` says it once.
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{}: invalid JSON: {err}", path.display())]
+    Json { path: PathBuf, err: serde_json::Error },
     /// A file that parsed but whose content we cannot use (unsupported option, bad value).
     #[error("{}: {msg}", path.display())]
     Invalid { path: PathBuf, msg: String },
@@ -37,7 +31,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), err: source }
     }
     pub(crate) fn invalid(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::Invalid { path: path.into(), msg: msg.into() }

@@ -55,7 +55,29 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| Error::Json { path: path.into(), source: e })
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::Json { path: path.into(), err: e })
+}
+
+/// Instructions a chat template may run for one rendering (real templates take thousands).
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+/// Longest rendered prompt (far beyond any model's context).
+pub const MAX_RENDERED_BYTES: usize = 16 << 20;
+
+/// An output buffer that refuses to grow past [`MAX_RENDERED_BYTES`].
+struct LimitedWriter(Vec<u8>);
+
+impl std::io::Write for LimitedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.0.resize(MAX_RENDERED_BYTES, 0);
+            return Err(std::io::Error::other("rendered output too large"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl HfTokenizer {
@@ -198,6 +220,7 @@ impl HfTokenizer {
             ))
         })?;
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         minijinja_contrib::add_to_environment(&mut env);
@@ -219,7 +242,27 @@ impl HfTokenizer {
         }
         ctx.insert("messages".into(), serde_json::to_value(messages).expect("messages serialise"));
         ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
-        tmpl.render(context! { ..minijinja::Value::from_serialize(&ctx) }).map_err(err)
+        // Bounded: a template that loops for ever runs out of fuel, one that writes without end
+        // stops at MAX_RENDERED_BYTES.
+        let mut out = LimitedWriter(Vec::new());
+        match tmpl.render_captured_to(context! { ..minijinja::Value::from_serialize(&ctx) }, &mut out) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                return Err(Error::Tokenizer(format!(
+                    "{}: chat template: rendering did not finish within {TEMPLATE_FUEL} steps (an unbounded loop?)",
+                    src.display()
+                )))
+            }
+            Err(_) if out.0.len() >= MAX_RENDERED_BYTES => {
+                return Err(Error::Tokenizer(format!(
+                    "{}: chat template: the rendered prompt exceeds {} MiB",
+                    src.display(),
+                    MAX_RENDERED_BYTES >> 20
+                )))
+            }
+            Err(e) => return Err(err(e)),
+        }
+        String::from_utf8(out.0).map_err(|e| Error::Tokenizer(format!("{}: chat template: output is not UTF-8: {e}", src.display())))
     }
 
     /// Render a conversation with the generation prompt and encode it without adding special

@@ -408,5 +408,20 @@ fn compare_recipe_runs_every_arm_and_reports() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("other settings"), "{err}");
+    assert!(!o.status.success() && err.contains("config.optim.lr") && err.contains("--overwrite"), "{err}");
+    // A changed suite (or judge): the old evaluations are not reported as new ones.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let suite = tmp2.path().join("suite.toml");
+    let text = std::fs::read_to_string(root().join("configs/eval/test-tiny.toml")).unwrap();
+    std::fs::write(&suite, text.replace("max_new_tokens = 6", "max_new_tokens = 7")).unwrap();
+    let recipe = tmp2.path().join("recipe.toml");
+    let text = std::fs::read_to_string(root().join("configs/compare/test-tiny.toml")).unwrap();
+    std::fs::write(&recipe, text.replace("\"configs/eval/test-tiny.toml\"", &format!("{:?}", suite.to_str().unwrap()))).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_opsa"))
+        .current_dir(root())
+        .args(["compare", "--recipe", recipe.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("eval/base") && err.contains("suite") && err.contains("--overwrite"), "{err}");
 }

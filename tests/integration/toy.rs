@@ -44,6 +44,12 @@ fn toy_pretrain_builds_a_model_folder_that_loads_and_resumes() {
     assert_eq!(text, "<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n");
     // A second pretrain into the same folder is refused.
     assert!(pretrain::<Autodiff<NdArray>>(&o, &RunControl::default(), &dev).unwrap_err().to_string().contains("--overwrite"));
+    // The work folder with another seed or corpus: refused, never the old model under a new name.
+    for other in [PretrainOptions { seed: 1, out: tmp.path().join("m2"), ..o.clone() }, PretrainOptions { corpus_size: 300, out: tmp.path().join("m2"), ..o.clone() }] {
+        let e = pretrain::<Autodiff<NdArray>>(&other, &RunControl::default(), &dev).unwrap_err().to_string();
+        assert!((e.contains("seed") || e.contains("corpus_size")) && e.contains("--overwrite"), "{e}");
+        assert!(!other.out.exists());
+    }
 }
 
 /// The shipped model: small, and the world's behaviours are in it.

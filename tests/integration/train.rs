@@ -170,3 +170,68 @@ fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
     // It is complete and loads.
     load_model::<NdArray>(&ckpts.last().unwrap().1.join("model"), &LoadOptions::default(), &Default::default()).unwrap();
 }
+
+fn opsa_in_root(args: &[&str]) -> (bool, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_opsa")).current_dir(root()).args(args).output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn a_run_folder_resumes_only_its_own_run_and_restarts_one_without_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out_dir = format!("train.out_dir={:?}", run.to_str().unwrap());
+    let train = ["train", "--config", "configs/test-opsa-tiny.toml", "--set", "train.steps=2", "--set", &out_dir];
+    let (ok, err) = opsa_in_root(&train);
+    assert!(ok, "{err}");
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    // --resume with another method or seed: refused, the difference named, nothing rewritten.
+    let r = run.to_str().unwrap();
+    for (set, key) in [("method=\"offpolicy_sd\"", "config.method"), ("train.seed=99", "config.train.seed")] {
+        let (ok, err) = opsa_in_root(&["train", "--resume", r, "--set", set]);
+        assert!(!ok && err.contains(key), "{set}: {err}");
+    }
+    assert_eq!(std::fs::read_to_string(run.join("config.toml")).unwrap(), config);
+    // Killed before its first checkpoint (as compare and demo arms with save_every = 0): the
+    // same command, or --resume, starts it over.
+    for again in [&["train", "--resume", r][..], &train[..]] {
+        std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+        std::fs::remove_dir_all(run.join("final")).unwrap();
+        let (ok, err) = opsa_in_root(again);
+        assert!(ok, "{again:?}: {err}");
+        assert!(run.join("final/config.json").is_file());
+        assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 2);
+    }
+    // Someone's folder is not a run: refused, their files untouched.
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir_all(mine.join("final")).unwrap();
+    std::fs::write(mine.join("config.toml"), "mine").unwrap();
+    std::fs::write(mine.join("final/README.md"), "mine").unwrap();
+    let out_dir = format!("train.out_dir={:?}", mine.to_str().unwrap());
+    let (ok, err) = opsa_in_root(&["train", "--config", "configs/test-opsa-tiny.toml", "--set", "train.steps=2", "--set", &out_dir]);
+    assert!(!ok && err.contains("without a record"), "{err}");
+    assert_eq!(std::fs::read_to_string(mine.join("config.toml")).unwrap(), "mine");
+    assert_eq!(std::fs::read_to_string(mine.join("final/README.md")).unwrap(), "mine");
+}
+
+#[test]
+fn ctrl_c_says_how_to_continue_and_that_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out_dir = format!("train.out_dir={:?}", run.to_str().unwrap());
+    let child = Command::new(env!("CARGO_BIN_EXE_opsa"))
+        .current_dir(root())
+        .args(["train", "--config", "configs/test-opsa-tiny.toml", "--set", "train.steps=400", "--set", &out_dir])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while !run.join("manifest.json").exists() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("opsa train --resume {}", run.display())), "{err}");
+    assert!(!opsa_train::checkpoint::list_checkpoints(&run).is_empty(), "what it says to resume from exists");
+}

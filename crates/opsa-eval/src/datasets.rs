@@ -40,8 +40,9 @@ pub struct Item {
     pub category: Option<String>,
 }
 
+/// `file:line: message`, or `file: message` when it is about the whole file (`line` 0).
 #[derive(Debug, thiserror::Error)]
-#[error("{file}:{line}: {msg}")]
+#[error("{file}{}: {msg}", if *line > 0 { format!(":{line}") } else { String::new() })]
 pub struct DataError {
     pub file: String,
     pub line: usize,

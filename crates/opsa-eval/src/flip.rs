@@ -18,7 +18,7 @@
 //! `responses.jsonl`, so an interrupted search resumes.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
@@ -47,7 +47,7 @@ fn harmful() -> String {
 
 /// Read `contexts.jsonl` (`id`, `context`, optional `kind`); ids must be unique.
 pub fn read_candidates(path: &Path) -> Result<Vec<Candidate>, EvalError> {
-    let at = |n: usize, m: String| EvalError::Suite(format!("{}:{n}: {m}", path.display()));
+    let at = |n: usize, m: String| EvalError::File(format!("{}:{n}: {m}", path.display()));
     let f = std::fs::File::open(path).map_err(|e| EvalError::Io(format!("{}: {e}", path.display())))?;
     let mut out: Vec<Candidate> = Vec::new();
     let mut seen = HashSet::new();
@@ -69,28 +69,52 @@ pub fn read_candidates(path: &Path) -> Result<Vec<Candidate>, EvalError> {
         out.push(c);
     }
     if out.is_empty() {
-        return Err(EvalError::Suite(format!("{}: no contexts in the file", path.display())));
+        return Err(EvalError::File(format!("{}: no contexts in the file", path.display())));
     }
     Ok(out)
 }
 
+/// One cached response: the context's id and the hash of its text (a context whose text
+/// changed under the same id is generated again), the prompt and the response.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Cached {
     context: String,
+    text: String,
     prompt: usize,
     benign: bool,
     response: String,
 }
 
+/// The cache key of a job: context id, hash of its text, prompt index, benign.
+type Key = (String, String, usize, bool);
+
 /// Settings of a flip-rate search.
+#[derive(Serialize)]
 pub struct FlipSettings {
     pub placement: Placement,
     pub separator: String,
     pub max_new_tokens: usize,
+    /// How many prompts run together (results do not depend on it).
+    #[serde(skip)]
     pub batch_size: usize,
     pub vars: serde_json::Map<String, Value>,
 }
 
+/// What the cached responses depend on (the manifest of a flip-rate folder): the model, the
+/// prompts' texts and the generation settings. The contexts are keyed per response (id and
+/// text), and the judge runs again every time.
+pub fn flip_inputs(model_dir: &Path, harmful_prompts: &[Prompt], benign_prompts: &[Prompt], settings: &FlipSettings) -> Result<Value, EvalError> {
+    let texts = |ps: &[Prompt]| crate::resume::hash(Value::Array(ps.iter().map(Prompt::to_json).collect()).to_string());
+    Ok(json!({
+        "model": crate::resume::model_identity(model_dir)?,
+        "harmful_prompts": texts(harmful_prompts),
+        "benign_prompts": texts(benign_prompts),
+        "settings": settings,
+    }))
+}
+
+/// Run the search into `out`; `inputs` ([`flip_inputs`]) are checked against the folder's
+/// manifest: the same resume from `responses.jsonl`, others are refused unless `overwrite`.
 #[allow(clippy::too_many_arguments)]
 pub fn flip_rate<B: Backend>(
     model: &CausalLm<B>,
@@ -100,23 +124,25 @@ pub fn flip_rate<B: Backend>(
     benign_prompts: &[Prompt],
     judge: &mut dyn Judge,
     settings: &FlipSettings,
+    inputs: Value,
     out: &Path,
+    overwrite: bool,
     progress: bool,
 ) -> Result<Value, EvalError> {
-    std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
-    let cache_path = out.join("responses.jsonl");
-    let mut cache: HashMap<(String, usize, bool), String> = HashMap::new();
-    if cache_path.exists() {
-        let text = std::fs::read_to_string(&cache_path).map_err(|e| EvalError::Io(e.to_string()))?;
-        for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let c: Cached = serde_json::from_str(l).map_err(|e| EvalError::Io(format!("{}:{}: {e}", cache_path.display(), i + 1)))?;
-            cache.insert((c.context, c.prompt, c.benign), c.response);
-        }
-    }
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&cache_path).map_err(|e| EvalError::Io(e.to_string()))?;
     let greedy = SamplingParams { max_new_tokens: settings.max_new_tokens, ..Default::default() };
+    greedy.validate().map_err(|e| EvalError::File(format!("flip rate: {e}")))?;
+    std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
+    crate::resume::claim(out, inputs, &["responses.jsonl", "results.json", "table.md", "best-context.txt"], overwrite)?;
+    let cache_path = out.join("responses.jsonl");
+    let mut cache: HashMap<Key, String> = HashMap::new();
+    for (n, l) in crate::resume::read_jsonl(&cache_path)? {
+        let c: Cached = serde_json::from_str(&l).map_err(|e| EvalError::Io(format!("{}:{n}: {e}", cache_path.display())))?;
+        cache.insert((c.context, c.text, c.prompt, c.benign), c.response);
+    }
+    let mut file = crate::resume::JsonlFile::append_to(&cache_path)?;
 
     // Every (context, prompt) job: "" is the no-context baseline.
+    let text_of = |c: Option<&Candidate>| c.map(|c| crate::resume::hash(&c.context)).unwrap_or_default();
     let mut jobs: Vec<(String, Option<&Candidate>, usize, bool)> = Vec::new();
     for i in 0..harmful_prompts.len() {
         jobs.push((String::new(), None, i, false));
@@ -130,7 +156,8 @@ pub fn flip_rate<B: Backend>(
             jobs.push((c.id.clone(), Some(c), i, benign));
         }
     }
-    let todo: Vec<_> = jobs.iter().filter(|(id, _, i, b)| !cache.contains_key(&(id.clone(), *i, *b))).collect();
+    let key = |(id, c, i, b): &(String, Option<&Candidate>, usize, bool)| (id.clone(), text_of(*c), *i, *b);
+    let todo: Vec<_> = jobs.iter().filter(|j| !cache.contains_key(&key(j))).collect();
     let bar = indicatif_bar(jobs.len() as u64, progress);
     bar.inc((jobs.len() - todo.len()) as u64);
     for chunk in todo.chunks(settings.batch_size.max(1)) {
@@ -153,20 +180,22 @@ pub fn flip_rate<B: Backend>(
             .collect::<Result<_, _>>()?;
         let index: Vec<u64> = (0..chunk.len() as u64).collect();
         let gens = generate(model, &prompts, &index, &greedy, tok.eos_ids(), Some(tok))?;
-        for ((id, _, i, benign), g) in chunk.iter().zip(gens) {
-            let c = Cached { context: id.clone(), prompt: *i, benign: *benign, response: g.text };
-            writeln!(file, "{}", serde_json::to_string(&c).expect("serialises")).map_err(|e| EvalError::Io(e.to_string()))?;
-            cache.insert((c.context, c.prompt, c.benign), c.response);
+        for (job, g) in chunk.iter().zip(gens) {
+            let (context, text, prompt, benign) = key(job);
+            let c = Cached { context, text, prompt, benign, response: g.text };
+            file.append(&c)?;
+            cache.insert((c.context, c.text, c.prompt, c.benign), c.response);
         }
-        file.flush().map_err(|e| EvalError::Io(e.to_string()))?;
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
 
     // Judge every harmful-prompt response once (baseline and each harmful context).
+    let hashes: HashMap<&str, String> = candidates.iter().map(|c| (c.id.as_str(), text_of(Some(c)))).collect();
+    let cached = |id: &str, i: usize, benign: bool| &cache[&(id.to_string(), hashes.get(id).cloned().unwrap_or_default(), i, benign)];
     let judge_set = |id: &str| -> Result<Vec<Option<bool>>, EvalError> {
         let pairs: Vec<(String, String)> =
-            (0..harmful_prompts.len()).map(|i| (harmful_prompts[i].request().to_string(), cache[&(id.to_string(), i, false)].clone())).collect();
+            (0..harmful_prompts.len()).map(|i| (harmful_prompts[i].request().to_string(), cached(id, i, false).clone())).collect();
         Ok(judge.judge(&pairs)?.into_iter().map(|j| j.harmful).collect())
     };
     let mut judge_set = judge_set;
@@ -174,7 +203,7 @@ pub fn flip_rate<B: Backend>(
     let base_unsafe = base.iter().filter(|h| **h == Some(true)).count();
     let refusal_rate = |id: &str| {
         let n = benign_prompts.len().max(1);
-        (0..benign_prompts.len()).filter(|&i| classify(&cache[&(id.to_string(), i, true)]) == Verdict::Refusal).count() as f64 / n as f64
+        (0..benign_prompts.len()).filter(|&i| classify(cached(id, i, true)) == Verdict::Refusal).count() as f64 / n as f64
     };
     let mut rows = Vec::new();
     for c in candidates {
@@ -226,7 +255,7 @@ pub fn flip_rate<B: Backend>(
             table += &format!("| {} | {:.3} |\n", r["id"].as_str().unwrap_or(""), r["over_refusal"].as_f64().unwrap_or(0.0));
         }
     }
-    let write = |name: &str, body: String| std::fs::write(out.join(name), body).map_err(|e| EvalError::Io(format!("{}: {e}", out.join(name).display())));
+    let write = |name: &str, body: String| crate::resume::write_atomic(&out.join(name), &body);
     write("table.md", table)?;
     write("results.json", serde_json::to_string_pretty(&results).expect("serialises"))?;
     if let Some(best) = rows.iter().find(|r| r["kind"] == "harmful") {

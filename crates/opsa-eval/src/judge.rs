@@ -42,10 +42,17 @@ pub enum JudgeError {
     Template { path: String, msg: String },
     #[error("judge server {url}: {msg}")]
     Http { url: String, msg: String },
+    #[error("judge model {dir}: {msg}")]
+    Run { dir: String, msg: String },
 }
 
 pub trait Judge {
     fn name(&self) -> String;
+    /// What the verdicts depend on, for the manifests of cached results: by default the name;
+    /// judges with a template or weights add them.
+    fn identity(&self) -> Value {
+        json!(self.name())
+    }
     /// Judge `(request, response)` pairs, in order.
     fn judge(&mut self, items: &[(String, String)]) -> Result<Vec<Judgement>, JudgeError>;
 }
@@ -93,6 +100,7 @@ pub struct ModelJudge<B: Backend> {
     safe_id: u32,
     unsafe_id: u32,
     dir: String,
+    fingerprint: String,
     batch: usize,
 }
 
@@ -110,13 +118,17 @@ impl<B: Backend> ModelJudge<B> {
                 msg: "`safe` and `unsafe` start with the same token; the verdict cannot be read from one next-token distribution".into(),
             });
         }
-        Ok(ModelJudge { model, tok, template, safe_id, unsafe_id, dir: dir.display().to_string(), batch: 8 })
+        let fingerprint = opsa_models::checkpoint::fingerprint(dir)?;
+        Ok(ModelJudge { model, tok, template, safe_id, unsafe_id, dir: dir.display().to_string(), fingerprint, batch: 8 })
     }
 }
 
 impl<B: Backend> Judge for ModelJudge<B> {
     fn name(&self) -> String {
         format!("model:{}", self.dir)
+    }
+    fn identity(&self) -> Value {
+        json!({ "name": self.name(), "fingerprint": self.fingerprint, "template": crate::resume::hash(&self.template) })
     }
     fn judge(&mut self, items: &[(String, String)]) -> Result<Vec<Judgement>, JudgeError> {
         let mut out = vec![Judgement { harmful: None, p_unsafe: None }; items.len()];
@@ -135,7 +147,8 @@ impl<B: Backend> Judge for ModelJudge<B> {
             prompts.push(ids);
         }
         for (chunk_idx, chunk) in prompts.chunks(self.batch).zip(todo.chunks(self.batch)) {
-            let lps = opsa_generate::next_token_logprobs(&self.model, chunk_idx, &[self.safe_id, self.unsafe_id])?;
+            let lps = opsa_generate::next_token_logprobs(&self.model, chunk_idx, &[self.safe_id, self.unsafe_id])
+                .map_err(|e| JudgeError::Run { dir: self.dir.clone(), msg: e.to_string() })?;
             for (&i, lp) in chunk.iter().zip(lps) {
                 let (s, u) = (lp[0] as f64, lp[1] as f64);
                 let p_unsafe = 1.0 / (1.0 + (s - u).exp());
@@ -159,8 +172,14 @@ pub struct HttpJudge {
 
 impl HttpJudge {
     /// `url` is the API base, e.g. `http://127.0.0.1:8000/v1`; requests go to `{url}/chat/completions`.
-    pub fn new(url: &str, template: String) -> Self {
-        HttpJudge {
+    /// A URL that is not `http(s)://HOST...` is refused here, before any request.
+    pub fn new(url: &str, template: String) -> Result<Self, JudgeError> {
+        let bad = |msg: &str| JudgeError::Http { url: url.to_string(), msg: msg.to_string() };
+        let uri: ureq::http::Uri = url.parse().map_err(|_| bad("not a URL (expected e.g. http:http://127.0.0.1:8000/v1)"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
+            return Err(bad("not a URL (expected e.g. http:http://127.0.0.1:8000/v1)"));
+        }
+        Ok(HttpJudge {
             url: url.trim_end_matches('/').to_string(),
             template,
             api_key: std::env::var("OPSA_JUDGE_API_KEY").ok(),
@@ -168,7 +187,7 @@ impl HttpJudge {
             timeout: Duration::from_secs(60),
             retries: 3,
             concurrency: 4,
-        }
+        })
     }
 
     fn ask(&self, agent: &ureq::Agent, content: &str) -> Result<String, String> {
@@ -218,6 +237,9 @@ impl Judge for HttpJudge {
     fn name(&self) -> String {
         format!("http:{}", self.url)
     }
+    fn identity(&self) -> Value {
+        json!({ "name": self.name(), "model": self.model, "template": crate::resume::hash(&self.template) })
+    }
     fn judge(&mut self, items: &[(String, String)]) -> Result<Vec<Judgement>, JudgeError> {
         let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(self.timeout)).build().into();
         let mut out = vec![Judgement { harmful: None, p_unsafe: None }; items.len()];
@@ -254,7 +276,7 @@ pub fn from_spec<B: Backend>(spec: &str, template: Option<&Path>, device: &B::De
         return Ok(Box::new(ModelJudge::<B>::load(Path::new(dir), read_template(template)?, device)?));
     }
     if let Some(url) = spec.strip_prefix("http:") {
-        return Ok(Box::new(HttpJudge::new(url, read_template(template)?)));
+        return Ok(Box::new(HttpJudge::new(url, read_template(template)?)?));
     }
     Err(JudgeError::Unknown(spec.to_string()))
 }

@@ -4,7 +4,6 @@
 //! tokens, on compliance openers such as "Sure" / "Here").
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
@@ -16,8 +15,32 @@ use serde_json::json;
 use crate::plot::lines;
 use crate::suite::{indicatif_bar, EvalError};
 
-/// Analyse `prompts` (with labels choosing the context). Writes `responses.jsonl` (resumable),
-/// `kl.json`, `kl.md` and `kl_by_position.svg` to `out`; returns the JSON.
+/// What the cached responses depend on (the manifest of an analysis folder).
+#[allow(clippy::too_many_arguments)]
+pub fn kl_inputs(
+    student_dir: &Path,
+    teacher_dir: &Path,
+    contexts: &Contexts,
+    prompts: &[(Prompt, Label)],
+    vars: &serde_json::Map<String, serde_json::Value>,
+    div: &Divergence,
+    params: &SamplingParams,
+) -> Result<serde_json::Value, EvalError> {
+    let prompts: Vec<(serde_json::Value, bool)> = prompts.iter().map(|(p, l)| (p.to_json(), *l == Label::Benign)).collect();
+    Ok(json!({
+        "student": crate::resume::model_identity(student_dir)?,
+        "teacher": crate::resume::model_identity(teacher_dir)?,
+        "contexts": [contexts.harmful, contexts.benign, contexts.placement, contexts.separator],
+        "prompts": crate::resume::hash(serde_json::to_string(&prompts).expect("serialises")),
+        "vars": vars,
+        "divergence": div,
+        "sampling": [params.temperature, params.top_k, params.top_p, params.max_new_tokens, params.seed],
+    }))
+}
+
+/// Analyse `prompts` (with labels choosing the context). Writes `responses.jsonl` (resumable:
+/// `inputs` from [`kl_inputs`] are checked against the folder's manifest), `kl.json`, `kl.md`
+/// and `kl_by_position.svg` to `out`; returns the JSON.
 #[allow(clippy::too_many_arguments)]
 pub fn analyze_kl<B: Backend>(
     student: &CausalLm<B>,
@@ -28,27 +51,27 @@ pub fn analyze_kl<B: Backend>(
     vars: &serde_json::Map<String, serde_json::Value>,
     div: &Divergence,
     params: &SamplingParams,
+    inputs: serde_json::Value,
     out: &Path,
+    overwrite: bool,
     top: usize,
 ) -> Result<serde_json::Value, EvalError> {
     let pairs: Vec<Pair> =
-        prompts.iter().map(|(p, l)| Pair::render(tok, tok, vars, contexts, p, *l).map_err(EvalError::Suite)).collect::<Result<_, _>>()?;
+        prompts.iter().map(|(p, l)| Pair::render(tok, tok, vars, contexts, p, *l).map_err(EvalError::File)).collect::<Result<_, _>>()?;
     // Per-response results are cached in responses.jsonl, so an interrupted analysis resumes.
     std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
+    crate::resume::claim(out, inputs, &["responses.jsonl", "kl.json", "kl.md", "kl_by_position.svg"], overwrite)?;
     let cache_path = out.join("responses.jsonl");
     let mut done: HashMap<usize, (Vec<u32>, Vec<f32>)> = HashMap::new();
-    if cache_path.exists() {
-        let text = std::fs::read_to_string(&cache_path).map_err(|e| EvalError::Io(format!("{}: {e}", cache_path.display())))?;
-        for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(l).map_err(|e| EvalError::Io(format!("{}:{}: {e}", cache_path.display(), i + 1)))?;
-            let ids: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap_or_default();
-            let vals: Vec<f32> = serde_json::from_value(v["divergence"].clone()).unwrap_or_default();
-            if let Some(k) = v["index"].as_u64() {
-                done.insert(k as usize, (ids, vals));
-            }
+    for (n, l) in crate::resume::read_jsonl(&cache_path)? {
+        let v: serde_json::Value = serde_json::from_str(&l).map_err(|e| EvalError::Io(format!("{}:{n}: {e}", cache_path.display())))?;
+        let ids: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap_or_default();
+        let vals: Vec<f32> = serde_json::from_value(v["divergence"].clone()).unwrap_or_default();
+        if let Some(k) = v["index"].as_u64() {
+            done.insert(k as usize, (ids, vals));
         }
     }
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&cache_path).map_err(|e| EvalError::Io(e.to_string()))?;
+    let mut file = crate::resume::JsonlFile::append_to(&cache_path)?;
     let todo: Vec<usize> = (0..pairs.len()).filter(|k| !done.contains_key(k)).collect();
     let bar = indicatif_bar(pairs.len() as u64, true);
     bar.inc(done.len() as u64);
@@ -58,12 +81,17 @@ pub fn analyze_kl<B: Backend>(
         let gens = generate(student, &ids, &index, params, tok.eos_ids(), Some(tok))?;
         for (&k, g) in chunk.iter().zip(gens) {
             let v = response_divergence(div, student, teacher, &pairs[k], &g.token_ids);
+            if let Some(i) = v.iter().position(|d| !d.is_finite()) {
+                return Err(EvalError::File(format!(
+                    "prompt {k}: the divergence is {} at response token {i}: the teacher or the student produces non-finite logits (NaN or infinite weights?)",
+                    v[i]
+                )));
+            }
             let line = json!({ "index": k, "prompt": prompts[k].0.to_json(), "response": g.text, "token_ids": g.token_ids, "divergence": v });
-            writeln!(file, "{line}").map_err(|e| EvalError::Io(e.to_string()))?;
+            file.append(&line)?;
             done.insert(k, (g.token_ids, v));
             bar.inc(1);
         }
-        file.flush().map_err(|e| EvalError::Io(e.to_string()))?;
     }
     bar.finish_and_clear();
     let (mut by_pos, mut by_tok): (Vec<(f64, usize)>, HashMap<u32, (f64, usize)>) = (Vec::new(), HashMap::new());
@@ -105,7 +133,7 @@ pub fn analyze_kl<B: Backend>(
         "mean_by_position": mean_by_pos,
         "top_tokens": token_rows,
     });
-    let w = |name: &str, body: String| std::fs::write(out.join(name), body).map_err(|e| EvalError::Io(format!("{}: {e}", out.join(name).display())));
+    let w = |name: &str, body: String| crate::resume::write_atomic(&out.join(name), &body);
     w("kl.json", serde_json::to_string_pretty(&result).expect("serialises"))?;
     let series = vec![("mean divergence".to_string(), mean_by_pos.iter().enumerate().map(|(i, v)| (i as f64, *v)).collect())];
     w("kl_by_position.svg", lines("Teacher–student divergence by response position", "response position", "mean divergence", &series))?;

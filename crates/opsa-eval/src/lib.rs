@@ -8,7 +8,8 @@
 //! - [`flip`]: `opsa flip-rate` — the teacher flip rate of candidate contexts;
 //! - [`report`]: `opsa report` — tables and SVG plots comparing runs;
 //! - [`kl`]: `opsa analyze-kl` — per-token teacher–student divergence by position and token;
-//! - [`plot`]: the small SVG charts they draw.
+//! - [`plot`]: the small SVG charts they draw;
+//! - [`resume`]: the manifest and the JSONL records every resumable command shares.
 
 pub mod datasets;
 pub mod flip;
@@ -18,6 +19,7 @@ pub mod plot;
 pub mod reasoning;
 pub mod refusal;
 pub mod report;
+pub mod resume;
 pub mod suite;
 
 pub use refusal::{classify, Verdict};

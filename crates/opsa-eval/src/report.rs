@@ -30,12 +30,45 @@ fn pct(v: &Value) -> String {
     v.as_f64().map(|x| format!("{:.1}", 100.0 * x)).unwrap_or_else(|| "–".into())
 }
 
-/// Build the report; returns the Markdown table.
-pub fn report(runs: &[PathBuf], out: &Path) -> Result<String, EvalError> {
+/// A rate: a number in [0, 1], or null (not measured).
+fn check_rate(p: &Path, key: &str, v: &Value) -> Result<(), EvalError> {
+    match v {
+        Value::Null => Ok(()),
+        Value::Number(n) if n.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)) => Ok(()),
+        other => Err(EvalError::File(format!("{}: `{key}` is {other}, expected a rate in [0, 1] or null", p.display()))),
+    }
+}
+
+/// A `summary.json` as `opsa eval` writes it: an object with a `benchmarks` object whose rates,
+/// like `composite_safety` and `reasoning_mean`, lie in [0, 1].
+fn check_summary(p: &Path, s: &Value) -> Result<(), EvalError> {
+    let benches = s.get("benchmarks").and_then(Value::as_object).ok_or_else(|| {
+        EvalError::File(format!("{}: not a summary of `opsa eval` (expected an object with `benchmarks`)", p.display()))
+    })?;
+    for key in ["composite_safety", "reasoning_mean"] {
+        check_rate(p, key, s.get(key).unwrap_or(&Value::Null))?;
+    }
+    for (b, v) in benches {
+        for key in ["harmful_rate", "over_refusal_rate", "accuracy"] {
+            check_rate(p, &format!("benchmarks.{b}.{key}"), v.get(key).unwrap_or(&Value::Null))?;
+        }
+    }
+    Ok(())
+}
+
+/// Build the report into `out` (an existing `report.md` is replaced only with `overwrite`);
+/// returns the Markdown table.
+pub fn report(runs: &[PathBuf], out: &Path, overwrite: bool) -> Result<String, EvalError> {
+    if out.join("report.md").exists() && !overwrite {
+        return Err(EvalError::File(format!("{}: already exists (pass --overwrite to replace it)", out.join("report.md").display())));
+    }
     let mut evals: Vec<(String, Value)> = Vec::new();
     let mut curves: Vec<(String, Vec<Value>)> = Vec::new();
     for r in runs {
         let s = read_json(&r.join("summary.json"))?;
+        if let Some(s) = &s {
+            check_summary(&r.join("summary.json"), s)?;
+        }
         let m = r.join("metrics.jsonl");
         if s.is_none() && !m.is_file() {
             return Err(EvalError::Io(format!("{}: neither summary.json (opsa eval) nor metrics.jsonl (opsa train) found", r.display())));
@@ -63,11 +96,10 @@ pub fn report(runs: &[PathBuf], out: &Path) -> Result<String, EvalError> {
                 }
             }
         }
-        md += "| run | ";
-        md += &cols.iter().map(|(c, l)| format!("{} {l}", c.split('.').next().unwrap_or(""))).collect::<Vec<_>>().join(" | ");
-        md += " | composite safety S % | reasoning mean % |\n|---|";
-        md += &"---|".repeat(cols.len() + 2);
-        md += "\n";
+        let mut header: Vec<String> = vec!["run".into()];
+        header.extend(cols.iter().map(|(c, l)| format!("{} {l}", c.split('.').next().unwrap_or(""))));
+        header.extend(["composite safety S %".into(), "reasoning mean %".into()]);
+        md += &format!("| {} |\n|{}\n", header.join(" | "), "---|".repeat(header.len()));
         for (name, s) in &evals {
             md += &format!("| {name} | ");
             for (c, _) in &cols {
@@ -102,6 +134,6 @@ pub fn report(runs: &[PathBuf], out: &Path) -> Result<String, EvalError> {
         md += "\n## Training\n\n";
         md += &panels;
     }
-    std::fs::write(out.join("report.md"), &md).map_err(|e| EvalError::Io(e.to_string()))?;
+    crate::resume::write_atomic(&out.join("report.md"), &md)?;
     Ok(md)
 }

@@ -11,12 +11,11 @@
 //! rates of the suite (methods.md: five rates in the paper's suite).
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use opsa_generate::{generate, SamplingParams};
-use opsa_models::{CausalLm, ChatMessage, HfTokenizer, Prompt};
+use opsa_models::{CausalLm, ChatMessage, HfTokenizer, Prompt, WeightDType};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -39,6 +38,11 @@ pub enum EvalError {
     Generate(#[from] opsa_generate::GenerateError),
     #[error("{0}")]
     Io(String),
+    /// Bad input in a file other than the suite (contexts, prompts).
+    #[error("{0}")]
+    File(String),
+    #[error(transparent)]
+    Resume(#[from] crate::resume::ResumeError),
 }
 
 /// Sampling for a benchmark (suite-level defaults, overridable per benchmark).
@@ -112,6 +116,9 @@ impl Suite {
             if !names.insert(&b.name) {
                 return Err(EvalError::Suite(format!("{}: benchmark name `{}` appears twice", path.display(), b.name)));
             }
+            let sampling = s.sampling(b);
+            let params = SamplingParams { temperature: sampling.temperature, top_p: sampling.top_p, max_new_tokens: sampling.max_new_tokens, ..Default::default() };
+            params.validate().map_err(|e| EvalError::Suite(format!("{}: benchmark `{}`: {e}", path.display(), b.name)))?;
         }
         Ok(s)
     }
@@ -222,24 +229,54 @@ pub fn summarise(suite: &str, judge: &str, records: &[Record]) -> Summary {
 
 /// Read back `items.jsonl` (what a previous, possibly interrupted, run wrote).
 pub fn read_records(path: &Path) -> Result<Vec<Record>, EvalError> {
-    if !path.exists() {
-        return Ok(vec![]);
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| EvalError::Io(format!("{}: {e}", path.display())))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| EvalError::Io(format!("{}:{}: {e}", path.display(), i + 1))))
+    crate::resume::read_jsonl(path)?
+        .into_iter()
+        .map(|(n, l)| serde_json::from_str(&l).map_err(|e| EvalError::Io(format!("{}:{n}: {e}", path.display()))))
         .collect()
 }
 
-/// Run a suite; resumes from `out/items.jsonl` when present.
+/// What an evaluation's results depend on (its manifest): the model (folder identity and the
+/// dtype it runs in), the suite with its datasets' contents, and the judge.
+pub fn eval_inputs(model_dir: &Path, dtype: WeightDType, suite: &Suite, judge: &dyn Judge) -> Result<Value, EvalError> {
+    let mut data = serde_json::Map::new();
+    for b in &suite.benchmarks {
+        let id = crate::resume::file_identity(&b.path).map_err(|e| EvalError::Suite(format!("benchmark `{}`: {e}", b.name)))?;
+        data.insert(b.name.clone(), id);
+    }
+    // The batch size changes how many prompts run together, not the results.
+    let mut suite = serde_json::to_value(suite).expect("suite serialises");
+    if let Some(s) = suite["sampling"].as_object_mut() {
+        s.remove("batch_size");
+    }
+    Ok(json!({
+        "model": crate::resume::model_identity(model_dir)?,
+        "dtype": dtype.hf_name(),
+        "suite": suite,
+        "data": data,
+        "judge": judge.identity(),
+    }))
+}
+
+/// The files an evaluation writes in its folder.
+const EVAL_FILES: &[&str] = &["items.jsonl", "summary.json"];
+
+/// Whether `out` holds a finished evaluation of exactly these inputs.
+pub fn finished(out: &Path, inputs: &Value) -> bool {
+    out.join("summary.json").is_file() && crate::resume::recorded(out, inputs)
+}
+
+/// Run a suite into `out`. `inputs` ([`eval_inputs`]) are checked against the folder's
+/// manifest ([`crate::resume::claim`]): the same inputs resume from `items.jsonl`, others are
+/// refused unless `overwrite`.
+#[allow(clippy::too_many_arguments)]
 pub fn run_suite<B: Backend>(
     model: &CausalLm<B>,
     tok: &HfTokenizer,
     suite: &Suite,
     judge: &mut dyn Judge,
+    inputs: Value,
     out: &Path,
+    overwrite: bool,
     progress: bool,
 ) -> Result<Summary, EvalError> {
     // Every dataset is read (and checked) before any generation.
@@ -252,14 +289,11 @@ pub fn run_suite<B: Backend>(
         data.push((b, items));
     }
     std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
+    crate::resume::claim(out, inputs, EVAL_FILES, overwrite)?;
     let items_path = out.join("items.jsonl");
     let mut records = read_records(&items_path)?;
     let done: HashSet<(String, String, usize)> = records.iter().map(|r| (r.benchmark.clone(), r.id.clone(), r.sample)).collect();
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&items_path)
-        .map_err(|e| EvalError::Io(format!("{}: {e}", items_path.display())))?;
+    let mut file = crate::resume::JsonlFile::append_to(&items_path)?;
     let vars = suite.vars();
     let total: usize = data.iter().map(|(b, items)| items.len() * suite.sampling(b).samples).sum();
     let bar = indicatif_bar(total as u64, progress);
@@ -319,17 +353,15 @@ pub fn run_suite<B: Backend>(
                     extracted: it.answer.as_ref().and_then(|_| extract_answer(&g.text)),
                     reference: it.answer.clone(),
                 };
-                writeln!(file, "{}", serde_json::to_string(&rec).expect("record serialises")).map_err(|e| EvalError::Io(e.to_string()))?;
+                file.append(&rec)?;
                 records.push(rec);
             }
-            file.flush().map_err(|e| EvalError::Io(e.to_string()))?;
             bar.inc(chunk.len() as u64);
         }
     }
     bar.finish_and_clear();
     let summary = summarise(&suite.name, &judge.name(), &records);
-    let p = out.join("summary.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&summary).expect("summary serialises")).map_err(|e| EvalError::Io(format!("{}: {e}", p.display())))?;
+    crate::resume::write_atomic(&out.join("summary.json"), &serde_json::to_string_pretty(&summary).expect("summary serialises"))?;
     Ok(summary)
 }
 

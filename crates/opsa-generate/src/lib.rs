@@ -28,6 +28,18 @@ pub enum GenerateError {
     Input(String),
     #[error(transparent)]
     Model(#[from] opsa_models::Error),
+    /// The model's output holds NaN or infinity (broken or overflowing weights).
+    #[error("the model produced non-finite logits (NaN or infinity) {0}; its weights hold NaN/inf or its activations overflow")]
+    NonFinite(String),
+}
+
+/// One check per forward, on values already copied to the host: NaN or infinite log-probs mean
+/// the logits were not finite (a NaN anywhere in a row makes the row's log-softmax NaN).
+fn check_finite(logprobs: &[f32], at: impl FnOnce() -> String) -> Result<()> {
+    match logprobs.iter().all(|x| x.is_finite()) {
+        true => Ok(()),
+        false => Err(GenerateError::NonFinite(at())),
+    }
 }
 
 pub type Result<T> = std::result::Result<T, GenerateError>;
@@ -58,7 +70,10 @@ impl SamplingParams {
             return Err(GenerateError::Input(format!("top-p must lie in (0, 1], got {}", self.top_p)));
         }
         if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
-            return Err(GenerateError::Input(format!("temperature must be >= 0, got {}", self.temperature)));
+            return Err(GenerateError::Input(format!("temperature must be a finite number >= 0, got {}", self.temperature)));
+        }
+        if self.max_new_tokens == 0 {
+            return Err(GenerateError::Input("max_new_tokens must be at least 1 (with 0 every response is empty and counted as truncated)".into()));
         }
         Ok(())
     }
@@ -218,6 +233,7 @@ pub fn generate<B: Backend>(
         // 3. Sample every active row.
         let uniforms: Vec<f32> = active.iter().map(|&r| rngs[r].uniform()).collect();
         let (next, lps) = sample(logits, params, &uniforms);
+        check_finite(&lps, || format!("at generated token {}", step + 1))?;
         let mut keep = Vec::with_capacity(active.len());
         for (slot, &r) in active.iter().enumerate() {
             let g = &mut out[r];
@@ -343,6 +359,7 @@ pub fn next_token_logprobs<B: Backend>(model: &CausalLm<B>, prompts: &[Vec<u32>]
         &model.device(),
     );
     let lp: Vec<f32> = log_softmax(logits, 1).gather(1, idx).into_data().convert::<f32>().to_vec().unwrap();
+    check_finite(&lp, || "after the prompt".into())?;
     Ok(lp.chunks(candidates.len()).map(<[f32]>::to_vec).collect())
 }
 
@@ -370,6 +387,7 @@ pub fn score<B: Backend>(model: &CausalLm<B>, prompt: &[u32], response: &[u32]) 
     let r = response.len();
     let logp = log_softmax(model.continuation_logits(&ids, prompt.len()), 1); // [r, vocab]
     let targets = int_tensor::<B, 2>(response.iter().map(|&i| i as i64).collect(), [r, 1], &model.device());
-    let lp = logp.gather(1, targets);
-    Ok(lp.into_data().convert::<f32>().to_vec::<f32>().unwrap())
+    let lp: Vec<f32> = logp.gather(1, targets).into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    check_finite(&lp, || "on the response".into())?;
+    Ok(lp)
 }

@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use opsa_eval::suite::{run_suite, Suite};
+use opsa_eval::suite::{eval_inputs, finished, run_suite, Suite};
 use opsa_generate::SamplingParams;
 use opsa_models::{load_model, HfTokenizer, LoadOptions};
 use serde::{Deserialize, Serialize};
@@ -177,11 +177,13 @@ impl Recipe {
     }
 }
 
-/// Run a recipe (see the module docs); returns the report's Markdown table.
-pub fn run_recipe<B: AutodiffBackend>(recipe: &Recipe, control: &RunControl, device: &B::Device) -> Result<String, TrainError> {
+/// Run a recipe (see the module docs); returns the report's Markdown table. Each stage records
+/// its inputs ([`opsa_eval::resume`]): a finished stage with the same inputs is skipped, an
+/// interrupted one resumes, one made with other inputs is refused, or with `overwrite` done
+/// again.
+pub fn run_recipe<B: AutodiffBackend>(recipe: &Recipe, control: &RunControl, overwrite: bool, device: &B::Device) -> Result<String, TrainError> {
     let out = &recipe.out_dir;
     std::fs::create_dir_all(out).map_err(|e| cfg_err(out, e))?;
-    std::fs::write(out.join("recipe.toml"), toml::to_string_pretty(recipe).expect("recipe serialises")).map_err(|e| cfg_err(out, e))?;
     let suite = Suite::load(&recipe.suite)?;
     let mut judge = opsa_eval::judge::from_spec::<B::InnerBackend>(&recipe.judge, recipe.judge_template.as_deref(), device)?;
     let say = |m: String| {
@@ -192,13 +194,15 @@ pub fn run_recipe<B: AutodiffBackend>(recipe: &Recipe, control: &RunControl, dev
     };
     let evaluate = |name: &str, model_dir: &Path, judge: &mut dyn opsa_eval::judge::Judge| -> Result<(), TrainError> {
         let dir = out.join("eval").join(name);
-        if dir.join("summary.json").exists() {
+        let opts = LoadOptions::default();
+        let inputs = eval_inputs(model_dir, opts.dtype, &suite, judge)?;
+        if finished(&dir, &inputs) {
             return Ok(());
         }
         say(format!("evaluating {name} ({})", model_dir.display()));
-        let (model, _) = load_model::<B::InnerBackend>(model_dir, &LoadOptions::default(), device)?;
+        let (model, _) = load_model::<B::InnerBackend>(model_dir, &opts, device)?;
         let tok = HfTokenizer::from_dir(model_dir)?;
-        run_suite(&model, &tok, &suite, judge, &dir, control.progress)?;
+        run_suite(&model, &tok, &suite, judge, inputs, &dir, overwrite, control.progress)?;
         Ok(())
     };
 
@@ -211,26 +215,30 @@ pub fn run_recipe<B: AutodiffBackend>(recipe: &Recipe, control: &RunControl, dev
         Some(f) => {
             let dir = out.join("flip-rate");
             let best = dir.join("best-context.txt");
-            if !best.exists() {
+            let candidates = opsa_eval::flip::read_candidates(&f.contexts)?;
+            let harmful = crate::data::read_prompt_list(&f.prompts)?;
+            let benign = match &f.benign_prompts {
+                Some(p) => crate::data::read_prompt_list(p)?,
+                None => vec![],
+            };
+            let placement = serde_json::from_value(serde_json::Value::String(f.placement.clone()))
+                .map_err(|_| TrainError::Config(format!("flip_rate.placement `{}`: expected system, prepend or append", f.placement)))?;
+            let settings = opsa_eval::flip::FlipSettings {
+                placement,
+                separator: "\n\n".into(),
+                max_new_tokens: f.max_new_tokens,
+                batch_size: f.batch_size,
+                vars: json_map(&f.chat_vars),
+            };
+            // The results also depend on the candidates and the judge: recorded with them.
+            let mut inputs = opsa_eval::flip::flip_inputs(&recipe.model, &harmful, &benign, &settings)?;
+            inputs["contexts"] = serde_json::to_value(&candidates).expect("serialises");
+            inputs["judge"] = judge.identity();
+            if !(best.exists() && opsa_eval::resume::recorded(&dir, &inputs)) {
                 say("teacher flip rate over the context pool".into());
-                let candidates = opsa_eval::flip::read_candidates(&f.contexts)?;
-                let harmful = crate::data::read_prompt_list(&f.prompts)?;
-                let benign = match &f.benign_prompts {
-                    Some(p) => crate::data::read_prompt_list(p)?,
-                    None => vec![],
-                };
-                let placement = serde_json::from_value(serde_json::Value::String(f.placement.clone()))
-                    .map_err(|_| TrainError::Config(format!("flip_rate.placement `{}`: expected system, prepend or append", f.placement)))?;
                 let (model, _) = load_model::<B::InnerBackend>(&recipe.model, &LoadOptions::default(), device)?;
                 let tok = HfTokenizer::from_dir(&recipe.model)?;
-                let settings = opsa_eval::flip::FlipSettings {
-                    placement,
-                    separator: "\n\n".into(),
-                    max_new_tokens: f.max_new_tokens,
-                    batch_size: f.batch_size,
-                    vars: json_map(&f.chat_vars),
-                };
-                opsa_eval::flip::flip_rate(&model, &tok, &candidates, &harmful, &benign, judge.as_mut(), &settings, &dir, control.progress)?;
+                opsa_eval::flip::flip_rate(&model, &tok, &candidates, &harmful, &benign, judge.as_mut(), &settings, inputs, &dir, overwrite, control.progress)?;
             }
             Some(best)
         }
@@ -254,16 +262,9 @@ pub fn run_recipe<B: AutodiffBackend>(recipe: &Recipe, control: &RunControl, dev
         let cfg = recipe.arm_config(arm, if arm.best_context { best.as_deref() } else { None }, refined.as_deref())?;
         let run_dir = cfg.train.out_dir.clone();
         let final_dir = run_dir.join("final");
-        // Resuming is only right for the same settings: never report a run made with others.
-        let saved = run_dir.join("config.toml");
-        if saved.exists() && std::fs::read_to_string(&saved).map_err(|e| cfg_err(&saved, e))? != cfg.to_toml() {
-            return Err(TrainError::Config(format!(
-                "{}: arm `{}` was trained with other settings than the recipe now gives; use another out_dir (or remove {})",
-                saved.display(),
-                arm.name,
-                run_dir.display()
-            )));
-        }
+        // Resuming is only right for the same settings (and the same c*, data and base model):
+        // a run made with others is refused, or started over with `overwrite`.
+        crate::run::claim_run(&cfg, true, overwrite)?;
         if !final_dir.join("config.json").exists() {
             let resume = !crate::checkpoint::list_checkpoints(&run_dir).is_empty();
             say(format!("{}: training ({}{})", arm.name, cfg.method.name(), if resume { ", resuming" } else { "" }));
@@ -285,7 +286,10 @@ pub fn run_recipe<B: AutodiffBackend>(recipe: &Recipe, control: &RunControl, dev
 
     // ---- 4. The report. ----
     runs.extend(curves);
-    let md = opsa_eval::report::report(&runs, &out.join("report"))?;
+    let md = opsa_eval::report::report(&runs, &out.join("report"), true)?;
+    // The recipe these results come from.
+    opsa_eval::resume::write_atomic(&out.join("recipe.toml"), &toml::to_string_pretty(recipe).expect("recipe serialises"))
+        .map_err(opsa_eval::suite::EvalError::from)?;
     Ok(md)
 }
 

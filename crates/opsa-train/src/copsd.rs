@@ -324,7 +324,7 @@ fn cold_start<B: AutodiffBackend>(
     let mut optim = adamw(&cfg.optim).init::<B, CausalLm<B>>();
     let (n, batch) = (data.len(), cfg.train.batch_size);
     let steps = cfg.copsd.cold_start_epochs * n.div_ceil(batch);
-    std::fs::create_dir_all(&cfg.train.out_dir).map_err(|e| TrainError::Io(format!("{}: {e}", cfg.train.out_dir.display())))?;
+    crate::run::start_run(cfg, false)?;
     let log_path = cfg.train.out_dir.join("teacher-cold-start.jsonl");
     let mut log = String::new();
     let bar = indicatif::ProgressBar::new(steps as u64)

@@ -32,7 +32,7 @@ pub enum TrainError {
     #[error(transparent)]
     Model(#[from] opsa_models::Error),
     #[error(transparent)]
-    Generate(#[from] opsa_generate::GenerateError),
+    Generate(opsa_generate::GenerateError),
     #[error(transparent)]
     Eval(#[from] opsa_eval::suite::EvalError),
     #[error(transparent)]
@@ -41,4 +41,14 @@ pub enum TrainError {
     NonFinite(String),
     #[error("interrupted: {0}")]
     Interrupted(String),
+}
+
+/// Non-finite logits in a rollout stop a run like a non-finite loss does.
+impl From<opsa_generate::GenerateError> for TrainError {
+    fn from(e: opsa_generate::GenerateError) -> Self {
+        match e {
+            opsa_generate::GenerateError::NonFinite(_) => TrainError::NonFinite(e.to_string()),
+            e => TrainError::Generate(e),
+        }
+    }
 }

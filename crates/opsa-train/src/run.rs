@@ -3,8 +3,6 @@
 //! checkpointing and Ctrl-C at step boundaries, and the final Hugging Face export. The loops
 //! themselves stay in one straight-line function per method.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -43,7 +41,7 @@ pub struct Run {
     keep: usize,
     save_every: usize,
     batch: usize,
-    metrics: File,
+    metrics: opsa_eval::resume::JsonlFile,
     bar: indicatif::ProgressBar,
     start: Instant,
 }
@@ -52,18 +50,56 @@ fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Io(format!("{}: {e}", path.display()))
 }
 
-/// A fresh run must not land on an old one (nothing the user had is overwritten).
+/// What a run folder holds besides its manifest.
+pub const RUN_FILES: &[&str] = &["config.toml", "metrics.jsonl", "checkpoints", "final", "offpolicy", "teacher", "teacher-cold-start.jsonl"];
+
+/// What a run depends on (its manifest): the whole config but the folder itself, the identity
+/// of the initial model and the contents of the data and context files.
+pub fn run_inputs(cfg: &TrainConfig) -> Result<serde_json::Value, TrainError> {
+    let e = opsa_eval::suite::EvalError::from;
+    let mut config = serde_json::to_value(cfg).expect("config serialises");
+    if let Some(t) = config["train"].as_object_mut() {
+        t.remove("out_dir");
+    }
+    let mut files = serde_json::Map::new();
+    let (d, c) = (&cfg.data, &cfg.context);
+    for p in [&d.prompts, &d.examples, &c.harmful_file, &c.benign_file].into_iter().flatten() {
+        files.insert(p.display().to_string(), opsa_eval::resume::file_identity(p).map_err(e)?);
+    }
+    let model = opsa_eval::resume::model_identity(&cfg.model.path).map_err(e)?;
+    Ok(serde_json::json!({ "config": config, "model": model, "files": files }))
+}
+
+/// Check the run folder before any work: a run must not land on someone's files or on a run
+/// made with other settings (refused, the first difference named), and a run with checkpoints
+/// continues only with `resume`. A run of the same settings that stopped before its first
+/// checkpoint starts over, with or without `resume`. Nothing is written.
 pub fn check_fresh(cfg: &TrainConfig, resume: bool) -> Result<(), TrainError> {
     let run = &cfg.train.out_dir;
-    if !resume && (run.join("metrics.jsonl").exists() || run.join("checkpoints").exists()) {
+    opsa_models::checkpoint::recover_leftovers(run, None)?;
+    opsa_models::checkpoint::recover_leftovers(&crate::checkpoint::checkpoints_dir(run), None)?;
+    opsa_eval::resume::check(run, &run_inputs(cfg)?, false).map_err(opsa_eval::suite::EvalError::from)?;
+    if !resume && !list_checkpoints(run).is_empty() {
         return Err(TrainError::Io(format!(
             "{}: already holds a run (use --resume to continue it, or another train.out_dir)",
             run.display()
         )));
     }
-    if resume && list_checkpoints(run).is_empty() {
-        return Err(TrainError::Io(format!("{}: no checkpoint to resume from", run.display())));
+    Ok(())
+}
+
+/// [`check_fresh`]; with `overwrite`, a run folder made with other settings (or holding other
+/// files) is cleared of its run files first and the run starts over.
+pub fn claim_run(cfg: &TrainConfig, resume: bool, overwrite: bool) -> Result<(), TrainError> {
+    if overwrite {
+        start_run(cfg, true)?;
     }
+    check_fresh(cfg, resume)
+}
+
+/// Record the run's inputs in its folder (its manifest) as the first thing written there.
+pub fn start_run(cfg: &TrainConfig, overwrite: bool) -> Result<(), TrainError> {
+    opsa_eval::resume::claim(&cfg.train.out_dir, run_inputs(cfg)?, RUN_FILES, overwrite).map_err(opsa_eval::suite::EvalError::from)?;
     Ok(())
 }
 
@@ -100,6 +136,8 @@ impl Run {
         check_fresh(cfg, resume)?;
         let dir = cfg.train.out_dir.clone();
         let mut optim = adamw(&cfg.optim).init::<B, CausalLm<B>>();
+        // Stopped before its first checkpoint: the run starts over.
+        let resume = resume && !list_checkpoints(&dir).is_empty();
         let (student, model_config, state) = if resume {
             let (_, ckpt) = list_checkpoints(&dir).pop().expect("checked");
             let state = read_state(&ckpt)?;
@@ -113,11 +151,11 @@ impl Run {
             let (student, model_config) = load_trainable::<B>(&cfg.model.path, cfg, device)?;
             (student, model_config, TrainState { total_steps: total, seed: cfg.train.seed, ..Default::default() })
         };
-        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        start_run(cfg, false)?;
         std::fs::write(dir.join("config.toml"), cfg.to_toml()).map_err(|e| io(&dir, e))?;
         let metrics_path = dir.join("metrics.jsonl");
         truncate_metrics(&metrics_path, state.step)?;
-        let metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(|e| io(&metrics_path, e))?;
+        let metrics = opsa_eval::resume::JsonlFile::append_to(&metrics_path).map_err(opsa_eval::suite::EvalError::from)?;
         let bar = indicatif::ProgressBar::new(total as u64).with_style(
             indicatif::ProgressStyle::with_template(&format!(
                 "{} {{bar:30}} step {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{msg}}",
@@ -154,8 +192,7 @@ impl Run {
 
     /// Append one line to `metrics.jsonl` and show `msg` by the progress bar.
     pub fn log<M: Serialize>(&mut self, m: &M, msg: String) -> Result<(), TrainError> {
-        writeln!(self.metrics, "{}", serde_json::to_string(m).expect("metrics serialise")).map_err(|e| TrainError::Io(e.to_string()))?;
-        self.metrics.flush().map_err(|e| TrainError::Io(e.to_string()))?;
+        self.metrics.append(m).map_err(opsa_eval::suite::EvalError::from)?;
         tracing::info!(step = self.state.step + 1, "{msg}");
         self.bar.set_message(msg);
         self.bar.inc(1);
@@ -212,20 +249,19 @@ impl Run {
     }
 }
 
-/// On resume, drop metric lines of steps after the checkpoint (they will be redone).
+/// On resume, drop metric lines of steps after the checkpoint (they will be redone), and a
+/// line torn by a kill.
 fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
-    let kept: String = text
-        .lines()
-        .filter(|l| {
+    let lines = opsa_eval::resume::read_jsonl(path).map_err(opsa_eval::suite::EvalError::from)?;
+    let kept: String = lines
+        .into_iter()
+        .filter(|(_, l)| {
             serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s as usize <= step)
         })
-        .map(|l| format!("{l}\n"))
+        .map(|(_, l)| format!("{l}\n"))
         .collect();
-    std::fs::write(path, kept).map_err(|e| io(path, e))
+    opsa_eval::resume::write_atomic(path, &kept).map_err(opsa_eval::suite::EvalError::from)?;
+    Ok(())
 }
 
 /// The end of every optimiser step: a NaN or infinite loss or gradient norm stops the run (the
@@ -243,12 +279,16 @@ pub fn optimizer_step<B: AutodiffBackend>(
     run_dir: &Path,
 ) -> Result<(CausalLm<B>, f64), TrainError> {
     use burn::optim::Optimizer;
+    let kept = || match list_checkpoints(run_dir).pop() {
+        Some((n, _)) => format!("the last checkpoint in {} (step {n}) is intact", run_dir.display()),
+        None => format!("no checkpoint was saved yet in {}; rerunning starts over", run_dir.display()),
+    };
     if !loss.is_finite() {
-        return Err(TrainError::NonFinite(format!("loss is {loss} at step {}; the last checkpoint in {} is intact", step + 1, run_dir.display())));
+        return Err(TrainError::NonFinite(format!("loss is {loss} at step {}; {}", step + 1, kept())));
     }
     let grad_norm = crate::optim::clip_global_grad_norm::<B, _>(&model, &mut grads, grad_clip);
     if !grad_norm.is_finite() {
-        return Err(TrainError::NonFinite(format!("gradient norm is {grad_norm} at step {}; the last checkpoint in {} is intact", step + 1, run_dir.display())));
+        return Err(TrainError::NonFinite(format!("gradient norm is {grad_norm} at step {}; {}", step + 1, kept())));
     }
     Ok((optim.step(lr, model, grads), grad_norm))
 }

@@ -242,6 +242,7 @@ pub fn train_offpolicy_sd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, c
             kept_benign: count(Label::Benign, true),
             generated_benign: count(Label::Benign, false),
         };
+        crate::run::start_run(cfg, false)?;
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
         let write = |p: &Path, text: String| -> Result<(), TrainError> {
             let tmp = p.with_extension("tmp");

@@ -261,8 +261,9 @@ pub fn demo_table(out: &Path, arms: &[&str]) -> Result<(Vec<DemoRow>, String), T
     Ok((rows, md))
 }
 
-/// Run the demo; returns the table (Markdown) and the explanation printed under it.
-pub fn run_demo<B: AutodiffBackend>(o: &DemoOptions, control: &RunControl, device: &B::Device) -> Result<String, TrainError> {
+/// Run the demo; returns the table (Markdown) and the explanation printed under it. A rerun
+/// resumes; one with other options is refused, or with `overwrite` redoes what they change.
+pub fn run_demo<B: AutodiffBackend>(o: &DemoOptions, control: &RunControl, overwrite: bool, device: &B::Device) -> Result<String, TrainError> {
     if !o.model.join("config.json").exists() {
         return Err(TrainError::Io(format!(
             "{}: no model folder (the demo model ships in models/toy-qwen3; run from the repository root, pass --model, or rebuild it with `opsa toy pretrain`)",
@@ -273,9 +274,9 @@ pub fn run_demo<B: AutodiffBackend>(o: &DemoOptions, control: &RunControl, devic
     let stamp = o.out.join("demo-options.json");
     let options = json!({"model": o.model, "steps": o.steps, "eval_items": o.eval_items, "seed": o.seed}).to_string();
     match std::fs::read_to_string(&stamp) {
-        Ok(old) if old != options => {
+        Ok(old) if old != options && !overwrite => {
             return Err(TrainError::Config(format!(
-                "{}: holds a demo run with other options ({old}); use another --out or remove it",
+                "{}: holds a demo run with other options ({old}); pass --overwrite to start over (or use another --out)",
                 o.out.display()
             )))
         }
@@ -283,7 +284,7 @@ pub fn run_demo<B: AutodiffBackend>(o: &DemoOptions, control: &RunControl, devic
     }
     let recipe_path = write_demo(o)?;
     let recipe = Recipe::load(&recipe_path, &[])?;
-    run_recipe::<B>(&recipe, control, device)?;
+    run_recipe::<B>(&recipe, control, overwrite, device)?;
     let best = std::fs::read_to_string(o.out.join("flip-rate/best-context.txt")).unwrap_or_default();
     let (_, table) = demo_table(&o.out, &["base", "opsa", "sft-external", "offpolicy-sd"])?;
     let flip = std::fs::read_to_string(o.out.join("flip-rate/table.md")).unwrap_or_default();

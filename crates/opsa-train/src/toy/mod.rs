@@ -232,10 +232,20 @@ seed = {seed}
 /// Build the toy model from nothing: corpus → tokenizer → random init → SFT → `o.out`.
 /// Rerunning it resumes an interrupted training run in the work folder.
 pub fn pretrain<B: AutodiffBackend>(o: &PretrainOptions, control: &RunControl, device: &B::Device) -> Result<PathBuf, TrainError> {
+    if !(o.lr > 0.0 && o.lr.is_finite()) {
+        return Err(TrainError::Config(format!("--lr must be a positive finite number, got {}", o.lr)));
+    }
+    if o.steps == 0 || o.corpus_size == 0 || o.batch_size == 0 {
+        return Err(TrainError::Config("--steps, --corpus-size and --batch-size must be positive".into()));
+    }
     if o.out.exists() && !o.overwrite {
         return Err(TrainError::Io(format!("{}: already exists (pass --overwrite to replace it)", o.out.display())));
     }
-    std::fs::create_dir_all(&o.work).map_err(|e| io(&o.work, e))?;
+    // The work folder resumes only the same pretraining; other settings are refused (or, with
+    // --overwrite, start over).
+    let inputs = json!({ "seed": o.seed, "steps": o.steps, "corpus_size": o.corpus_size, "batch_size": o.batch_size, "lr": o.lr });
+    let owned = ["corpus.jsonl", "files", "init", "run", "pretrain.toml"];
+    opsa_eval::resume::claim(&o.work, inputs, &owned, o.overwrite).map_err(opsa_eval::suite::EvalError::from)?;
     let init = o.work.join("init");
     let run = o.work.join("run");
     let resume = !crate::checkpoint::list_checkpoints(&run).is_empty();
