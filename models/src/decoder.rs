@@ -322,13 +322,13 @@ pub struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - x: `[b, t, hidden]`
-    /// - mask: `[b, 1, 1, t, past + t]` in f32, 0 where attention is allowed, [`MASK_VALUE`] where not
+    /// - mask: `[b, 1, t * (past + t)]` in f32, 0 where attention is allowed, [`MASK_VALUE`] where not
     /// - returns `[b, t, hidden]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        mask: Tensor<B, 5>,
+        mask: Tensor<B, 3>,
         cache: Option<LayerCache<B>>,
     ) -> (Tensor<B, 3>, Option<LayerCache<B>>) {
         let [b, t, _] = x.dims();
@@ -373,9 +373,10 @@ impl<B: Backend> Attention<B> {
         let q = q.reshape([b, nkv, groups * t, d]);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
         let dtype = scores.dtype();
-        // 6. Mask and softmax in f32: [b, n_kv, groups, t, L] + [b, 1, 1, t, L].
-        let scores = scores.cast(FloatDType::F32).reshape([b, nkv, groups, t, l]) + mask;
-        let probs = softmax(scores, 4).cast(dtype).reshape([b, nkv, groups * t, l]);
+        // 6. Mask and softmax in f32: [b, heads, t * L] + [b, 1, t * L] (one row of t * L shared
+        //    by every head: the broadcast backends run as one contiguous pass), then [b, heads, t, L].
+        let scores = scores.cast(FloatDType::F32).reshape([b, nh, t * l]) + mask;
+        let probs = softmax(scores.reshape([b, nh, t, l]), 3).cast(dtype).reshape([b, nkv, groups * t, l]);
 
         // 7. Weighted values, heads back together: [b, t, heads * d].
         let out = probs.matmul(v).reshape([b, nh, t, d]).swap_dims(1, 2).reshape([b, t, nh * d]);
@@ -396,7 +397,7 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        mask: Tensor<B, 5>,
+        mask: Tensor<B, 3>,
         cache: Option<LayerCache<B>>,
     ) -> (Tensor<B, 3>, Option<LayerCache<B>>) {
         let (a, cache) = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
@@ -440,10 +441,10 @@ pub struct Positions {
 }
 
 impl Positions {
-    /// The additive mask as an f32 tensor `[b, 1, 1, len, keys]`, shaped for the grouped scores
-    /// `[b, n_kv, groups, len, keys]`: built once per forward, shared by every layer.
-    pub fn mask_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 5> {
-        Tensor::from_data(TensorData::new(self.mask.clone(), [self.batch, 1, 1, self.len, self.keys]), (device, DType::F32))
+    /// The additive mask as an f32 tensor `[b, 1, len * keys]`, shaped for the scores
+    /// `[b, heads, len * keys]`: built once per forward, shared by every layer and head.
+    pub fn mask_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 3> {
+        Tensor::from_data(TensorData::new(self.mask.clone(), [self.batch, 1, self.len * self.keys]), (device, DType::F32))
     }
 
     /// Plain causal attention over `len` tokens at positions `0..len` for every row.
