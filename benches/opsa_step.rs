@@ -7,7 +7,8 @@
 //!     python3 benches/opsa_step_torch.py                 # the same step in PyTorch + transformers
 //!
 //! Environment: OPSA_BENCH_BATCH (rollouts, default 4), OPSA_BENCH_PROMPT (default 64),
-//! OPSA_BENCH_NEW (default 128), OPSA_BENCH_RECOMPUTE (1: activation recompute in the training
+//! OPSA_BENCH_NEW (default 128), OPSA_BENCH_BACKENDS (e.g. `flex`; default all compiled),
+//! OPSA_BENCH_RECOMPUTE (1: activation recompute in the training
 //! pass; its cost in time is the ratio of train_tok_s with 0 and 1).
 
 #[path = "common/mod.rs"]
@@ -120,8 +121,14 @@ fn step<B: AutodiffBackend>(name: &str, device: &B::Device) {
 }
 
 fn main() {
+    // OPSA_BENCH_BACKENDS: which compiled backends to run (default: all).
+    let want = |name: &str| std::env::var("OPSA_BENCH_BACKENDS").map_or(true, |v| v.split(',').any(|b| b.trim() == name));
     #[cfg(feature = "ndarray")]
-    step::<Autodiff<burn::backend::NdArray>>("ndarray", &Default::default());
+    if want("ndarray") {
+        step::<Autodiff<burn::backend::NdArray>>("ndarray", &Default::default());
+    }
     #[cfg(feature = "flex")]
-    step::<Autodiff<burn::backend::Flex>>("flex", &Default::default());
+    if want("flex") {
+        step::<Autodiff<burn::backend::Flex>>("flex", &Default::default());
+    }
 }
