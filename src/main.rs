@@ -72,6 +72,10 @@ struct EvalArgs {
     /// Hugging Face model folder to evaluate.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
+    /// A LoRA adapter in PEFT's format (adapter_config.json, adapter_model.safetensors), run
+    /// on top of --model without merging (also adapters trained with PEFT).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Suite TOML (benchmarks, samples, sampling, chat-template options).
     #[arg(long, value_name = "FILE")]
     suite: PathBuf,
@@ -95,6 +99,10 @@ struct FlipArgs {
     /// Hugging Face folder of the frozen model (the teacher).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
+    /// A LoRA adapter in PEFT's format (adapter_config.json, adapter_model.safetensors), run
+    /// on top of --model without merging (also adapters trained with PEFT).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Candidate contexts, JSONL: {"id", "context", "kind": "harmful" | "benign"} (e.g. configs/contexts/pool.jsonl).
     #[arg(long, value_name = "FILE")]
     contexts: PathBuf,
@@ -262,8 +270,12 @@ struct ReportArgs {
 #[derive(Args)]
 struct KlArgs {
     /// The student (e.g. a trained model, or the base model itself).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", visible_alias = "model")]
     student: PathBuf,
+    /// A LoRA adapter (PEFT format) on the student; the default teacher is then the student's
+    /// base with the adapter off, as in LoRA training.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// The teacher's weights (default: the student's).
     #[arg(long, value_name = "DIR")]
     teacher: Option<PathBuf>,
@@ -341,6 +353,9 @@ struct ConvertArgs {
     /// Hugging Face model folder to read.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
+    /// A LoRA adapter (PEFT format) to merge into --model: the written folder is the merged model.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Folder to write (config.json, safetensors, tokenizer files). Must not exist unless --overwrite.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -369,6 +384,10 @@ struct ModelArgs {
     /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json, ...).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
+    /// A LoRA adapter in PEFT's format (adapter_config.json, adapter_model.safetensors), run
+    /// on top of --model without merging (also adapters trained with PEFT).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Compute backend; only backends compiled in (cargo features) are available.
     /// Default: the first compiled in of ndarray, flex, wgpu, cuda.
     #[arg(long, value_enum)]
@@ -543,18 +562,36 @@ fn parse_placement(s: &str) -> Result<opsa_distill::Placement> {
     serde_json::from_value(Value::String(s.to_string())).map_err(|_| anyhow::anyhow!("--placement `{s}`: expected system, prepend or append"))
 }
 
-/// A model folder with its tokenizer, config and tokenizer checked against each other.
-fn open_model<B: Backend>(dir: &Path, dtype: WeightDType, device: &B::Device) -> Result<(opsa_models::CausalLm<B>, HfTokenizer)> {
+/// A model folder with its tokenizer, config and tokenizer checked against each other, and an
+/// optional LoRA adapter on top (unmerged; its config is checked before the weights load).
+fn open_model<B: Backend>(dir: &Path, adapter: Option<&Path>, dtype: WeightDType, device: &B::Device) -> Result<(opsa_models::CausalLm<B>, HfTokenizer)> {
     opsa_models::checkpoint::restore_interrupted(dir)?;
     if !dir.is_dir() {
         bail!("{}: model folder does not exist or is not a folder", dir.display());
+    }
+    if let Some(a) = adapter {
+        opsa_models::lora::read_adapter_config(a)?;
     }
     let config_path = dir.join("config.json");
     let config = ModelConfig::from_file(&config_path)?;
     let tok = HfTokenizer::from_dir(dir)?;
     tok.check_vocab(config.decoder(&config_path)?.vocab_size)?;
     let (model, _) = load_model::<B>(dir, &LoadOptions { dtype }, device)?;
+    let model = match adapter {
+        Some(a) => opsa_models::lora::load_adapter(model, a, dir, dtype.burn())?.0,
+        None => model,
+    };
     Ok((model, tok))
+}
+
+/// The recorded inputs of a cached result, with the adapter's identity when one is applied (a
+/// rerun with another adapter is then refused like one with another model).
+fn with_adapter(mut inputs: Value, adapter: Option<&Path>) -> Result<Value> {
+    if let Some(dir) = adapter {
+        let id = |f: &str| opsa_eval::resume::file_identity(&dir.join(f));
+        inputs["adapter"] = serde_json::json!({ "config": id("adapter_config.json")?, "weights": id("adapter_model.safetensors")? });
+    }
+    Ok(inputs)
 }
 
 /// Set by Ctrl-C: the trainer saves a checkpoint at the end of the step and stops.
@@ -590,7 +627,7 @@ struct Loaded<B: Backend> {
 impl<B: Backend> Loaded<B> {
     fn open(m: &ModelArgs, device: &B::Device) -> Result<Self> {
         let vars = parse_template_vars(&m.template_vars)?;
-        let (model, tok) = open_model::<B>(&m.model, m.dtype, device)?;
+        let (model, tok) = open_model::<B>(&m.model, m.adapter.as_deref(), m.dtype, device)?;
         if m.chat && !tok.has_chat_template() {
             // Fail before any work, with the folder named.
             tok.apply_chat_template(&[], true, &vars)?;
@@ -693,8 +730,8 @@ impl<B: Backend> Commands for Runner<B> {
     fn eval(&self, a: &EvalArgs) -> Result<()> {
         let suite = opsa_eval::suite::Suite::load(&a.suite)?;
         let mut judge = opsa_eval::judge::from_spec::<B>(&a.judge.judge, a.judge.judge_template.as_deref(), &self.device)?;
-        let (model, tok) = open_model::<B>(&a.model, a.dtype, &self.device)?;
-        let inputs = opsa_eval::suite::eval_inputs(&a.model, a.dtype, &suite, judge.as_ref())?;
+        let (model, tok) = open_model::<B>(&a.model, a.adapter.as_deref(), a.dtype, &self.device)?;
+        let inputs = with_adapter(opsa_eval::suite::eval_inputs(&a.model, a.dtype, &suite, judge.as_ref())?, a.adapter.as_deref())?;
         let summary = opsa_eval::suite::run_suite(&model, &tok, &suite, judge.as_mut(), inputs, &a.out, a.overwrite, true)
             .with_context(|| format!("evaluating {}", a.model.display()))?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -720,7 +757,7 @@ impl<B: Backend> Commands for Runner<B> {
         };
         let placement = parse_placement(&a.placement)?;
         let mut judge = opsa_eval::judge::from_spec::<B>(&a.judge.judge, a.judge.judge_template.as_deref(), &self.device)?;
-        let (model, tok) = open_model::<B>(&a.model, WeightDType::F32, &self.device)?;
+        let (model, tok) = open_model::<B>(&a.model, a.adapter.as_deref(), WeightDType::F32, &self.device)?;
         let settings = opsa_eval::flip::FlipSettings {
             placement,
             separator: "\n\n".into(),
@@ -728,7 +765,7 @@ impl<B: Backend> Commands for Runner<B> {
             batch_size: a.batch_size,
             vars: parse_template_vars(&a.template_vars)?,
         };
-        let inputs = opsa_eval::flip::flip_inputs(&a.model, &harmful, &benign, &settings)?;
+        let inputs = with_adapter(opsa_eval::flip::flip_inputs(&a.model, &harmful, &benign, &settings)?, a.adapter.as_deref())?;
         opsa_eval::flip::flip_rate(&model, &tok, &candidates, &harmful, &benign, judge.as_mut(), &settings, inputs, &a.out, a.overwrite, true)
             .with_context(|| format!("model {}", a.model.display()))?;
         print!("{}", std::fs::read_to_string(a.out.join("table.md"))?);
@@ -765,21 +802,22 @@ impl<B: Backend> Commands for Runner<B> {
             };
             prompts.push((l.prompt, label));
         }
-        let (student, tok) = open_model::<B>(&a.student, WeightDType::F32, &self.device)?;
+        let (student, tok) = open_model::<B>(&a.student, a.adapter.as_deref(), WeightDType::F32, &self.device)?;
         let teacher = match &a.teacher {
             Some(t) => {
-                let (m, _) = open_model::<B>(t, WeightDType::F32, &self.device)?;
+                let (m, _) = open_model::<B>(t, None, WeightDType::F32, &self.device)?;
                 if m.config.vocab_size != student.config.vocab_size {
                     bail!("teacher vocab_size {} differs from the student's {}", m.config.vocab_size, student.config.vocab_size);
                 }
                 m
             }
-            None => open_model::<B>(&a.student, WeightDType::F32, &self.device)?.0,
+            None if a.adapter.is_some() => student.without_adapters(),
+            None => open_model::<B>(&a.student, None, WeightDType::F32, &self.device)?.0,
         };
         let params = SamplingParams { temperature: a.temperature, max_new_tokens: a.max_new_tokens, seed: a.seed, ..Default::default() };
         let vars = parse_template_vars(&a.template_vars)?;
         let teacher_dir = a.teacher.as_ref().unwrap_or(&a.student);
-        let inputs = opsa_eval::kl::kl_inputs(&a.student, teacher_dir, &contexts, &prompts, &vars, &div, &params)?;
+        let inputs = with_adapter(opsa_eval::kl::kl_inputs(&a.student, teacher_dir, &contexts, &prompts, &vars, &div, &params)?, a.adapter.as_deref())?;
         opsa_eval::kl::analyze_kl(&student, &teacher, &tok, &contexts, &prompts, &vars, &div, &params, inputs, &a.out, a.overwrite, a.top)
             .with_context(|| format!("student {}, teacher {}", a.student.display(), teacher_dir.display()))?;
         print!("{}", std::fs::read_to_string(a.out.join("kl.md"))?);
@@ -886,7 +924,7 @@ impl<B: Backend> Commands for Runner<B> {
             bail!("--batch-size and --max-new-tokens must be positive");
         }
         let input = opsa_train::refine::RefineInput::read(&a.data)?;
-        let (model, tok) = open_model::<B>(&a.model, WeightDType::F32, &self.device)?;
+        let (model, tok) = open_model::<B>(&a.model, None, WeightDType::F32, &self.device)?;
         let mut judge = opsa_eval::judge::from_spec::<B>(&a.judge.judge, a.judge.judge_template.as_deref(), &self.device)?;
         let opts = opsa_train::refine::RefineOptions {
             template: &template,
@@ -912,7 +950,15 @@ impl<B: Backend> Commands for Runner<B> {
     }
 
     fn convert(&self, a: &ConvertArgs) -> Result<()> {
+        if let Some(ad) = &a.adapter {
+            opsa_models::lora::read_adapter_config(ad)?;
+        }
         let (model, config) = load_model::<B>(&a.model, &LoadOptions::default(), &self.device)?;
+        let model = match &a.adapter {
+            // Saved merged (W + s·A·B in f32).
+            Some(ad) => opsa_models::lora::load_adapter(model, ad, &a.model, burn::tensor::DType::F32)?.0,
+            None => model,
+        };
         let dtype = a.dtype.or_else(|| config_dtype(&config)).unwrap_or(WeightDType::F32);
         save_model(&model, &config, Some(&a.model), &a.out, dtype, a.overwrite)?;
         eprintln!("wrote {} ({})", a.out.display(), dtype.hf_name());

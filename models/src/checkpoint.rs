@@ -46,28 +46,42 @@ pub trait WeightSource {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
 }
 
-/// Seeded random weights (normal with std `0.02`, norms at 1): for benchmarks and pretraining.
-pub struct RandomSource {
+/// A seeded SplitMix64 stream (random weights, fresh LoRA adapters).
+pub(crate) struct SplitMix {
     state: u64,
-    pub std: f32,
 }
 
-impl RandomSource {
-    pub fn new(seed: u64) -> Self {
-        RandomSource { state: seed ^ 0x9E37_79B9_7F4A_7C15, std: 0.02 }
+impl SplitMix {
+    pub(crate) fn new(seed: u64) -> Self {
+        SplitMix { state: seed ^ 0x9E37_79B9_7F4A_7C15 }
     }
     fn next_u64(&mut self) -> u64 {
-        // SplitMix64.
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
+    /// Uniform in `[0, 1)`.
+    pub(crate) fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Seeded random weights (normal with std `0.02`, norms at 1): for benchmarks and pretraining.
+pub struct RandomSource {
+    rng: SplitMix,
+    pub std: f32,
+}
+
+impl RandomSource {
+    pub fn new(seed: u64) -> Self {
+        RandomSource { rng: SplitMix::new(seed), std: 0.02 }
+    }
     fn normal(&mut self) -> f32 {
         // Box–Muller.
-        let u1 = ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let u1 = ((self.rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let u2 = self.rng.uniform();
         ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
     }
 }
@@ -104,6 +118,12 @@ impl WeightSource for SafetensorsSource<'_> {
             ));
         }
         self.used.insert(name.to_string());
+        decode_f32(name, view, file)
+    }
+}
+
+/// A safetensors tensor's values as f32 (F32, BF16 or F16 on disk).
+pub(crate) fn decode_f32(name: &str, view: &TensorView<'_>, file: &Path) -> Result<Vec<f32>> {
         let bytes = view.data();
         let out = match view.dtype() {
             StDtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
@@ -119,7 +139,6 @@ impl WeightSource for SafetensorsSource<'_> {
             }
         };
         Ok(out)
-    }
 }
 
 /// Builds modules from a [`WeightSource`], converting Hugging Face layouts to ours.
@@ -143,7 +162,7 @@ impl<B: Backend> Builder<'_, B> {
         let t = transpose(&w, d_out, d_in);
         let weight = param(&name, Tensor::from_data(TensorData::new(t, [d_in, d_out]), (&self.device, self.dtype)));
         let bias = if bias { Some(self.tensor(&format!("{prefix}.bias"), [d_out])?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, lora: None })
     }
 
     fn norm(&mut self, prefix: &str, d: usize, eps: f64) -> Result<RmsNorm<B>> {
@@ -188,12 +207,12 @@ impl<B: Backend> Builder<'_, B> {
 
 /// A parameter whose id is derived from its Hugging Face name (FNV-1a), so that optimiser state
 /// saved against one load of a checkpoint applies to the next load of it (resume).
-fn param<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> Param<Tensor<B, D>> {
+pub(crate) fn param<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> Param<Tensor<B, D>> {
     let id = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
     Param::initialized(ParamId::from(id), t.require_grad())
 }
 
-fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0.0; w.len()];
     for r in 0..rows {
         for c in 0..cols {
@@ -348,9 +367,13 @@ pub fn hf_tensors<B: Backend>(m: &CausalLm<B>) -> Vec<HfTensor> {
         if let Some(b) = &lin.bias {
             out.push(vec1(format!("{n}.bias"), b));
         }
-        // ours [in, out] → HF [out, in]
+        // ours [in, out] → HF [out, in]; an adapter is merged in (W + s·A·B, in f32).
         let [d_in, d_out] = lin.weight.dims();
-        let data = transpose(&host(lin.weight.val()), d_in, d_out);
+        let w = match &lin.lora {
+            Some(l) => lin.weight.val().cast(burn::tensor::FloatDType::F32) + l.delta(),
+            None => lin.weight.val(),
+        };
+        let data = transpose(&host(w), d_in, d_out);
         out.push(HfTensor { name: format!("{n}.weight"), shape: vec![d_out, d_in], data });
     }
     let e = m.model.embed_tokens.weight.val();
@@ -390,6 +413,14 @@ pub fn save_model<B: Backend>(
     dtype: WeightDType,
     overwrite: bool,
 ) -> Result<()> {
+    write_atomically(out, overwrite, |tmp| write_folder(model, config, side_files_from, tmp, dtype))
+}
+
+/// Write a folder under a temporary name next to `out` with `write`, then rename it into place:
+/// a crash never leaves a half-written folder (leftovers of killed writes are cleaned first). An
+/// existing `out` is an error unless `overwrite`, and is then replaced only after the new folder
+/// is complete, and only when it is a model or adapter folder (or empty).
+pub(crate) fn write_atomically(out: &Path, overwrite: bool, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let file_name = out.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
     recover_leftovers(parent, Some(&file_name))?;
@@ -397,7 +428,7 @@ pub fn save_model<B: Backend>(
         return Err(Error::invalid(out, "already exists (refusing to overwrite it)"));
     }
     if out.exists() && !is_replaceable(out) {
-        return Err(Error::invalid(out, "exists and is not a model folder (no config.json); refusing to replace it"));
+        return Err(Error::invalid(out, "exists and is not a model or adapter folder (no config.json or adapter_config.json); refusing to replace it"));
     }
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
@@ -405,7 +436,7 @@ pub fn save_model<B: Backend>(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_folder(model, config, side_files_from, &tmp, dtype).and_then(|_| {
+    let result = write(&tmp).and_then(|_| {
         if out.exists() {
             let old = parent.join(format!(".{file_name}.old-{}", std::process::id()));
             std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
@@ -501,7 +532,7 @@ fn write_folder<B: Backend>(
 
 /// A folder `save_model` may replace: a model folder (it has `config.json`) or an empty one.
 fn is_replaceable(out: &Path) -> bool {
-    out.is_dir() && (out.join("config.json").is_file() || std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false))
+    out.is_dir() && (out.join("config.json").is_file() || out.join("adapter_config.json").is_file() || std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false))
 }
 
 /// Whether process `pid` still runs (where `/proc` tells; elsewhere it is taken as gone).

@@ -137,6 +137,8 @@ pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// `[d_out]`
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A LoRA adapter (see [`crate::lora`]): adds `s · (x A) B`.
+    pub lora: Option<crate::lora::Lora<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -153,9 +155,15 @@ impl<B: Backend> Linear<B> {
         let n = dims[..D - 1].iter().product::<usize>();
         let w = to_dtype(self.weight.val(), dtype); // [d_in, d_out]
         let d_out = w.dims()[1];
-        let mut y = x.reshape([n, d_in]).matmul(w); // [n, d_out]
+        let x = x.reshape([n, d_in]);
+        let lora_in = self.lora.as_ref().map(|_| x.clone());
+        let mut y = x.matmul(w); // [n, d_out]
         if let Some(b) = &self.bias {
             y = y + to_dtype(b.val(), dtype).unsqueeze::<2>();
+        }
+        if let (Some(l), Some(x)) = (&self.lora, lora_in) {
+            // PEFT's order: the base layer (bias included), then the scaled update.
+            y = y + l.forward(x);
         }
         dims[D - 1] = d_out;
         y.reshape(dims)
@@ -535,7 +543,7 @@ impl<B: Backend> CausalLm<B> {
     /// A copy whose weights are held in the compute dtype (no cast per use): what generation
     /// runs on. Parameter ids are kept.
     pub fn to_compute(&self) -> Self {
-        if self.weight_dtype() == self.compute_dtype {
+        if self.weight_dtype() == self.compute_dtype && !self.has_adapters() {
             return self.clone();
         }
         self.clone().map(&mut CastParams(self.compute_dtype))

@@ -17,6 +17,7 @@
 pub mod checkpoint;
 pub mod decoder;
 pub mod llama;
+pub mod lora;
 pub mod prompt;
 pub mod qwen2;
 pub mod qwen3;
@@ -30,6 +31,7 @@ mod error;
 pub use checkpoint::{load_model, save_model, LoadOptions};
 pub use config::{ModelConfig, WeightDType};
 pub use decoder::{CausalLm, DecoderConfig, KvCache};
+pub use lora::LoraConfig;
 pub use error::{Error, Result};
 pub use prompt::Prompt;
 pub use tokenizer::{ChatMessage, HfTokenizer};

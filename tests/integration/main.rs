@@ -13,3 +13,4 @@ mod precision;
 mod tokenizer;
 mod toy;
 mod train;
+mod lora;

@@ -1,6 +1,7 @@
 //! Training checkpoints: `RUN_DIR/checkpoints/step-NNNNNN/` holding the model as a Hugging Face
 //! folder (`model/`, in `model.save_dtype`), the f32 master weights as another (`masters/`, only
-//! when `model/` is narrower than f32), the optimiser state (`optimizer.bin`, full precision) and `state.json`
+//! when `model/` is narrower than f32) — or, with LoRA, only the f32 adapters in PEFT's format
+//! (`adapter/`) —, the optimiser state (`optimizer.bin`, full precision) and `state.json`
 //! (step, seed, counters). Each checkpoint is written under a temporary name and renamed into
 //! place, so a crash or Ctrl-C never leaves a half-written one; the newest complete checkpoint
 //! is what `--resume` picks up.
@@ -11,7 +12,8 @@ use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
-use opsa_models::{save_model, CausalLm, ModelConfig, WeightDType};
+use opsa_models::lora::save_adapter;
+use opsa_models::{save_model, CausalLm, LoraConfig, ModelConfig, WeightDType};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -39,6 +41,15 @@ fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Io(format!("{}: {e}", path.display()))
 }
 
+/// What a checkpoint holds of the model.
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    /// The whole model in this dtype (`model/`), and the f32 masters (`masters/`) when narrower.
+    Full(WeightDType),
+    /// Only the f32 LoRA adapters, in PEFT's format (`adapter/`); the base is `model.path`.
+    Adapter(&'a LoraConfig),
+}
+
 pub fn checkpoints_dir(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
@@ -51,7 +62,7 @@ pub fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
     model: &CausalLm<B>,
     model_config: &ModelConfig,
     side_files: &Path,
-    dtype: WeightDType,
+    weights: Weights,
     optim: &O,
     keep: usize,
 ) -> Result<PathBuf, TrainError> {
@@ -64,10 +75,15 @@ pub fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     let write = || -> Result<(), TrainError> {
-        let weights = model.valid();
-        save_model(&weights, model_config, Some(side_files), &tmp.join("model"), dtype, false)?;
-        if dtype != WeightDType::F32 {
-            save_model(&weights, model_config, Some(side_files), &tmp.join("masters"), WeightDType::F32, false)?;
+        let model = model.valid();
+        match weights {
+            Weights::Full(dtype) => {
+                save_model(&model, model_config, Some(side_files), &tmp.join("model"), dtype, false)?;
+                if dtype != WeightDType::F32 {
+                    save_model(&model, model_config, Some(side_files), &tmp.join("masters"), WeightDType::F32, false)?;
+                }
+            }
+            Weights::Adapter(l) => save_adapter(&model, l, &side_files.display().to_string(), &tmp.join("adapter"), false)?,
         }
         BinFileRecorder::<FullPrecisionSettings>::new()
             .record(optim.to_record(), tmp.join("optimizer"))

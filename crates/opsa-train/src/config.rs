@@ -69,6 +69,9 @@ pub struct TrainConfig {
     pub kd: KdSection,
     #[serde(default)]
     pub copsd: CopsdSection,
+    /// LoRA (PEFT's conventions): only adapters train; the base stays frozen and is the teacher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<opsa_models::LoraConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -475,6 +478,15 @@ impl TrainConfig {
         }
         if matches!(self.method, Method::Sft | Method::ExternalKd) && self.data.examples.is_none() {
             return bad(format!("method {m} needs data.examples (a JSONL of prompt/response pairs)"));
+        }
+        if let Some(l) = &self.lora {
+            l.check(|k| format!("lora.{k}")).map_err(TrainError::Config)?;
+            if l.dropout > 0.0 && self.train.recompute {
+                return bad("lora.dropout > 0 with train.recompute = true: the recomputed layers would draw other dropout masks; set one of them off".into());
+            }
+            if self.method == Method::Copsd && self.copsd.cold_start_epochs > 0 {
+                return bad("copsd.cold_start_epochs > 0 with [lora]: the cold-started teacher would be a second, fully trained model; with LoRA the teacher is the base (set copsd.cold_start_epochs = 0)".into());
+            }
         }
         if self.method == Method::Copsd {
             let p = &self.copsd;

@@ -123,9 +123,10 @@ pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control:
     // ---- 0b. The teacher: the initial weights, or their Cross-SFT cold start. ----
     let teacher_dir = cfg.train.out_dir.join("teacher");
     let teacher = if cfg.copsd.cold_start_epochs == 0 {
-        initial
+        // With LoRA the teacher is the student's base with the adapters off (taken below).
+        cfg.lora.is_none().then_some(initial)
     } else if resume && teacher_dir.join("config.json").exists() {
-        load_model::<B::InnerBackend>(&teacher_dir, &LoadOptions { dtype }, device)?.0
+        Some(load_model::<B::InnerBackend>(&teacher_dir, &LoadOptions { dtype }, device)?.0)
     } else {
         let eot = end_of_turn(&tok, &vars)?;
         // Benign: the model's own answers without the constitution; harmful: its answers with it.
@@ -149,13 +150,14 @@ pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control:
         drop(initial);
         let trained = cold_start::<B>(cfg, &data, control, device)?;
         save_model(&trained, &model_config, Some(model_dir), &teacher_dir, dtype, true)?;
-        trained
+        Some(trained)
     };
 
     let (n, batch, g) = (prompts.len(), cfg.train.batch_size, cfg.rollout.n);
     let total = cfg.train.steps.unwrap_or(cfg.train.epochs * n.div_ceil(batch));
     let warmup = warmup_steps(total, cfg.schedule.warmup_ratio);
     let (mut run, mut student, mut optim) = Run::open::<B>(cfg, resume, total, control, device)?;
+    let teacher = teacher.unwrap_or_else(|| crate::run::adapters_off(&student));
     if student.config.vocab_size != teacher.config.vocab_size {
         return Err(TrainError::Config("student and teacher vocabularies differ".into()));
     }

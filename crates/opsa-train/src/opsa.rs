@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::config::{step_seed, TrainConfig};
 use crate::data::{check_rollouts_fit, read_prompts, step_batch};
-use crate::run::{check_fresh, generate_all, mean, optimizer_step, padded, policy, Next, Run};
+use crate::run::{adapters_off, check_fresh, generate_all, mean, optimizer_step, padded, policy, Next, Run};
 use crate::schedule::{cosine_with_warmup, warmup_steps};
 use crate::TrainError;
 
@@ -93,14 +93,20 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
     }
     let divergence = cfg.divergence.divergence()?;
     let dtype = cfg.dtype();
-    // The teacher: the initial weights, frozen, without autodiff.
-    let (teacher, _) = load_model::<B::InnerBackend>(model_dir, &LoadOptions { dtype }, device)?;
-    tok.check_vocab(teacher.config.vocab_size)?;
+    // The teacher: the initial weights, frozen, without autodiff (with LoRA: the student's base
+    // with the adapters off, taken once the student is loaded).
+    let config_path = model_dir.join("config.json");
+    let dcfg = opsa_models::ModelConfig::from_file(&config_path)?.decoder(&config_path)?;
+    tok.check_vocab(dcfg.vocab_size)?;
+    let teacher = match cfg.lora {
+        None => Some(load_model::<B::InnerBackend>(model_dir, &LoadOptions { dtype }, device)?.0),
+        Some(_) => None,
+    };
     let pairs: Vec<Pair> = prompts
         .iter()
         .map(|p| Pair::render(&tok, &tok, &vars, &contexts, &p.prompt, p.label).map_err(TrainError::Config))
         .collect::<Result<_, _>>()?;
-    let max_pos = teacher.config.max_position_embeddings;
+    let max_pos = dcfg.max_position_embeddings;
     check_rollouts_fit(&pairs, cfg.rollout.max_new_tokens, max_pos, prompts_path, "context")?;
     let (n, batch) = (prompts.len(), cfg.train.batch_size);
     let total = cfg.train.steps.unwrap_or(cfg.train.epochs * n.div_ceil(batch));
@@ -108,6 +114,7 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
 
     // ---- Student, optimiser and state: fresh, or from the newest checkpoint. ----
     let (mut run, mut student, mut optim) = Run::open::<B>(cfg, resume, total, control, device)?;
+    let teacher = teacher.unwrap_or_else(|| adapters_off(&student));
     if student.config.vocab_size != teacher.config.vocab_size {
         return Err(TrainError::Config(format!(
             "student vocab_size {} differs from the teacher's {} ({}): the divergence needs one vocabulary",

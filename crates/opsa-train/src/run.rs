@@ -11,10 +11,12 @@ use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::AdamW;
 use burn::tensor::backend::AutodiffBackend;
-use opsa_models::{load_model, save_model, CausalLm, LoadOptions, ModelConfig, WeightDType};
+use burn::tensor::DType;
+use opsa_models::lora::{load_adapter, save_adapter};
+use opsa_models::{load_model, save_model, CausalLm, LoadOptions, LoraConfig, ModelConfig, WeightDType};
 use serde::Serialize;
 
-use crate::checkpoint::{list_checkpoints, load_optimizer, read_state, save_checkpoint, TrainState};
+use crate::checkpoint::{list_checkpoints, load_optimizer, read_state, save_checkpoint, TrainState, Weights};
 use crate::config::TrainConfig;
 use crate::optim::adamw;
 use crate::opsa::RunControl;
@@ -38,6 +40,7 @@ pub struct Run {
     model_dir: PathBuf,
     model_config: ModelConfig,
     save_dtype: WeightDType,
+    lora: Option<LoraConfig>,
     keep: usize,
     save_every: usize,
     batch: usize,
@@ -118,6 +121,35 @@ pub fn load_trainable<B: AutodiffBackend>(dir: &Path, cfg: &TrainConfig, device:
     Ok((model.with_compute_dtype(compute.burn()), config))
 }
 
+/// A LoRA student: the base of `cfg.model.path` held in the compute dtype and frozen, with
+/// f32 adapters (fresh with PEFT's initialisation seeded by `train.seed`, or read from the PEFT
+/// folder `adapter`, as on resume). Only the adapters get gradients and optimiser state.
+pub fn load_lora_student<B: AutodiffBackend>(cfg: &TrainConfig, lora: &LoraConfig, adapter: Option<&Path>, device: &B::Device) -> Result<(CausalLm<B>, ModelConfig), TrainError> {
+    let compute = cfg.dtype();
+    if !B::supports_dtype(device, compute.burn()) {
+        return Err(TrainError::Config(format!("model.dtype = \"{}\" is not supported by this backend", cfg.model.dtype)));
+    }
+    let (base, config) = load_model::<B>(&cfg.model.path, &LoadOptions { dtype: compute }, device)?;
+    let base = base.freeze();
+    let model = match adapter {
+        None => base.with_new_adapters(lora, cfg.train.seed, DType::F32),
+        Some(dir) => {
+            let (m, saved) = load_adapter(base, dir, &cfg.model.path, DType::F32)?;
+            if &saved != lora {
+                return Err(TrainError::Config(format!("{}: the adapter's config differs from [lora] of the run", dir.display())));
+            }
+            m
+        }
+    };
+    Ok((model, config))
+}
+
+/// The frozen base of a LoRA student, without autodiff, in the compute dtype: the student's own
+/// base weights with the adapters off (no second copy). What the OPSA and COPSD teachers are.
+pub fn adapters_off<B: AutodiffBackend>(student: &CausalLm<B>) -> CausalLm<B::InnerBackend> {
+    policy(student).without_adapters()
+}
+
 /// The weights generation runs on: the masters without autodiff, cast once to the compute dtype.
 pub fn policy<B: AutodiffBackend>(student: &CausalLm<B>) -> CausalLm<B::InnerBackend> {
     student.valid().to_compute()
@@ -141,14 +173,23 @@ impl Run {
         let (student, model_config, state) = if resume {
             let (_, ckpt) = list_checkpoints(&dir).pop().expect("checked");
             let state = read_state(&ckpt)?;
-            // The f32 masters: `masters/` when the model folder was written narrower.
-            let masters = if ckpt.join("masters").is_dir() { ckpt.join("masters") } else { ckpt.join("model") };
-            let (student, model_config) = load_trainable::<B>(&masters, cfg, device)?;
+            let (student, model_config) = match &cfg.lora {
+                // LoRA: the base again, the f32 adapters from the checkpoint.
+                Some(l) => load_lora_student::<B>(cfg, l, Some(&ckpt.join("adapter")), device)?,
+                None => {
+                    // The f32 masters: `masters/` when the model folder was written narrower.
+                    let masters = if ckpt.join("masters").is_dir() { ckpt.join("masters") } else { ckpt.join("model") };
+                    load_trainable::<B>(&masters, cfg, device)?
+                }
+            };
             optim = load_optimizer(&ckpt, optim, device)?;
             tracing::info!("resuming {} at step {}", dir.display(), state.step);
             (student, model_config, state)
         } else {
-            let (student, model_config) = load_trainable::<B>(&cfg.model.path, cfg, device)?;
+            let (student, model_config) = match &cfg.lora {
+                Some(l) => load_lora_student::<B>(cfg, l, None, device)?,
+                None => load_trainable::<B>(&cfg.model.path, cfg, device)?,
+            };
             (student, model_config, TrainState { total_steps: total, seed: cfg.train.seed, ..Default::default() })
         };
         start_run(cfg, false)?;
@@ -175,6 +216,7 @@ impl Run {
             model_dir: cfg.model.path.clone(),
             model_config,
             save_dtype: cfg.save_dtype(),
+            lora: cfg.lora.clone(),
             keep: cfg.train.keep_checkpoints,
             save_every: cfg.train.save_every,
             batch: cfg.train.batch_size,
@@ -223,7 +265,11 @@ impl Run {
         let stop_here = control.stop_after == Some(s.step);
         let periodic = self.save_every > 0 && s.step % self.save_every == 0;
         if periodic || interrupted || stop_here || s.step == self.total {
-            save_checkpoint(&self.dir, s, student, &self.model_config, &self.model_dir, self.save_dtype, optim, self.keep)?;
+            let weights = match &self.lora {
+                Some(l) => Weights::Adapter(l),
+                None => Weights::Full(self.save_dtype),
+            };
+            save_checkpoint(&self.dir, s, student, &self.model_config, &self.model_dir, weights, optim, self.keep)?;
         }
         if interrupted {
             self.bar.abandon();
@@ -240,11 +286,17 @@ impl Run {
         Ok(Next::Continue)
     }
 
-    /// The final model, as a Hugging Face folder `RUN/final`.
+    /// The final model, as a Hugging Face folder `RUN/final` (with LoRA: merged, and the adapter
+    /// alone in PEFT's format in `RUN/adapter`).
     pub fn finish<B: AutodiffBackend>(self, student: &CausalLm<B>) -> Result<PathBuf, TrainError> {
         self.bar.finish();
         let final_dir = self.dir.join("final");
-        save_model(&student.valid(), &self.model_config, Some(&self.model_dir), &final_dir, self.save_dtype, true)?;
+        let weights = student.valid();
+        // A model with adapters is saved merged (`hf_tensors`).
+        save_model(&weights, &self.model_config, Some(&self.model_dir), &final_dir, self.save_dtype, true)?;
+        if let Some(l) = &self.lora {
+            save_adapter(&weights, l, &self.model_dir.display().to_string(), &self.dir.join("adapter"), true)?;
+        }
         Ok(final_dir)
     }
 }
