@@ -428,7 +428,7 @@ pub(crate) fn write_atomically(out: &Path, overwrite: bool, write: impl FnOnce(&
         return Err(Error::invalid(out, "already exists (refusing to overwrite it)"));
     }
     if out.exists() && !is_replaceable(out) {
-        return Err(Error::invalid(out, "exists and is not a model or adapter folder (no config.json or adapter_config.json); refusing to replace it"));
+        return Err(Error::invalid(out, "exists and is not a model folder (nor an adapter folder: no config.json or adapter_config.json); refusing to replace it"));
     }
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));

@@ -303,7 +303,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, Option<String>)> {
     }
     let path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::Json { path: path.clone(), source: e })?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::Json { path: path.clone(), err: e })?;
     let bad = |m: String| Err(Error::invalid(&path, m));
     let get = |k: &str| v.get(k).filter(|x| !x.is_null());
     match get("peft_type").and_then(Value::as_str) {
