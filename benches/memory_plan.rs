@@ -10,7 +10,8 @@
 //!     cargo bench --bench memory_plan --features flex
 //!
 //! Environment: OPSA_PLAN_RECOMPUTE (1: activation recompute), OPSA_PLAN_DTYPE (f32 | bf16; bf16
-//! on flex only), OPSA_PLAN_SHAPES (tiny,42m).
+//! on flex only), OPSA_PLAN_SHAPES (tiny,42m), OPSA_PLAN_NEW (the 42M shape's new tokens, 448), OPSA_PLAN_LORA (1: LoRA r = 16 on every projection,
+//! the teacher being the student's base with the adapters off, as the trainer runs it).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -74,6 +75,12 @@ fn write_42m(dir: &std::path::Path) {
 fn measure<B: AutodiffBackend>(backend: &str, shape: &str, dir: &std::path::Path, prompt: usize, new: usize, rows: usize, micro: usize, device: &B::Device) {
     let dtype = std::env::var("OPSA_PLAN_DTYPE").unwrap_or_else(|_| "f32".into());
     let recompute = env_usize("OPSA_PLAN_RECOMPUTE", 0) == 1;
+    let lora = env_usize("OPSA_PLAN_LORA", 0) == 1;
+    let lora_toml = if lora {
+        "[lora]\nr = 16\nalpha = 32\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n"
+    } else {
+        ""
+    };
     let toml = format!(
         r#"method = "opsa"
 [model]
@@ -101,7 +108,7 @@ out_dir = "unused"
 batch_size = {rows}
 micro_batch_size = {micro}
 recompute = {recompute}
-"#,
+{lora_toml}"#,
         dir.display()
     );
     let cfg = TrainConfig::from_table(toml::from_str(&toml).unwrap(), "bench").unwrap();
@@ -109,8 +116,16 @@ recompute = {recompute}
     let ctx = plan.teacher_len - plan.student_len;
 
     let base = rss();
-    let (teacher, _) = load_model::<B::InnerBackend>(dir, &LoadOptions { dtype: cfg.dtype() }, device).unwrap();
-    let (mut student, _) = opsa_train::run::load_trainable::<B>(dir, &cfg, device).unwrap();
+    let (teacher, mut student) = match &cfg.lora {
+        Some(l) => {
+            let (student, _) = opsa_train::run::load_lora_student::<B>(&cfg, l, None, device).unwrap();
+            (opsa_train::run::adapters_off(&student), student)
+        }
+        None => {
+            let (teacher, _) = load_model::<B::InnerBackend>(dir, &LoadOptions { dtype: cfg.dtype() }, device).unwrap();
+            (teacher, opsa_train::run::load_trainable::<B>(dir, &cfg, device).unwrap().0)
+        }
+    };
     let vocab = student.config.vocab_size;
     let mut optim = opsa_train::optim::adamw(&cfg.optim).init::<B, opsa_models::CausalLm<B>>();
     let div = cfg.divergence.divergence().unwrap();
@@ -151,7 +166,7 @@ recompute = {recompute}
     }
     let r = |m: u64, p: u64| p as f64 / m.max(1) as f64;
     println!(
-        "{{\"backend\":\"{backend}\",\"shape\":\"{shape}\",\"dtype\":\"{dtype}\",\"recompute\":{recompute},\"tokens\":{},\"micro_batch\":{micro},\"rollout_measured\":\"{}\",\"rollout_plan\":\"{}\",\"rollout_plan_over_measured\":{:.2},\"train_measured\":\"{}\",\"train_plan\":\"{}\",\"train_plan_over_measured\":{:.2}}}",
+        "{{\"backend\":\"{backend}\",\"shape\":\"{shape}\",\"dtype\":\"{dtype}\",\"recompute\":{recompute},\"lora\":{lora},\"tokens\":{},\"micro_batch\":{micro},\"rollout_measured\":\"{}\",\"rollout_plan\":\"{}\",\"rollout_plan_over_measured\":{:.2},\"train_measured\":\"{}\",\"train_plan\":\"{}\",\"train_plan_over_measured\":{:.2}}}",
         prompt + new,
         human(rollout_peak),
         human(plan.rollout_total()),
@@ -173,7 +188,8 @@ fn run<B: AutodiffBackend>(backend: &str, device: &B::Device) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("qwen3-42m");
         write_42m(&dir);
-        measure::<B>(backend, "qwen3-42m", &dir, 64, 448, 2, 2, device);
+        // OPSA_PLAN_NEW: new tokens per rollout (default 448).
+        measure::<B>(backend, "qwen3-42m", &dir, 64, env_usize("OPSA_PLAN_NEW", 448), 2, 2, device);
     }
 }
 

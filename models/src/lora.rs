@@ -267,7 +267,7 @@ pub fn save_adapter<B: Backend>(model: &CausalLm<B>, cfg: &LoraConfig, base_mode
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": cfg.r,
-        "lora_alpha": cfg.alpha,
+        "lora_alpha": if cfg.alpha.fract() == 0.0 && cfg.alpha < 1e15 { json!(cfg.alpha as i64) } else { json!(cfg.alpha) },
         "lora_dropout": cfg.dropout,
         "target_modules": cfg.target_modules,
         "bias": "none",

@@ -425,3 +425,61 @@ fn compare_recipe_runs_every_arm_and_reports() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("eval/base") && err.contains("suite") && err.contains("--overwrite"), "{err}");
 }
+
+#[test]
+fn every_method_trains_with_lora() {
+    let lora = ["lora.r=4", "lora.alpha=8", "lora.target_modules=[\"q_proj\",\"v_proj\",\"up_proj\",\"down_proj\"]", "optim.lr=2e-2"];
+    let dev = Default::default();
+    let base = opsa_models::checkpoint::hf_tensors(
+        &opsa_models::load_model::<burn::backend::NdArray>(Path::new(&fixture("qwen3-tiny")), &Default::default(), &dev).unwrap().0,
+    );
+    let kd_teacher = format!("kd.teacher=\"{}\"", fixture("qwen3-tiny"));
+    for (method, extra) in [
+        ("sft", vec!["train.steps=8", "train.batch_size=6", "train.micro_batch_size=4"]),
+        ("offpolicy_sd", vec!["train.steps=2", "rollout.max_new_tokens=24"]),
+        ("external_kd", vec!["train.steps=2", kd_teacher.as_str()]),
+        ("copsd", vec!["train.steps=2", "rollout.n=2", "rollout.max_new_tokens=12"]),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut sets: Vec<&str> = lora.to_vec();
+        sets.extend(extra);
+        sets.push("model.save_dtype=\"f32\"");
+        let cfg = config(method, tmp.path(), &sets).unwrap();
+        let final_dir = match method {
+            "sft" => train_sft::<B>(&cfg, false, &RunControl::default(), &dev),
+            "offpolicy_sd" => train_offpolicy_sd::<B>(&cfg, false, &RunControl::default(), &dev),
+            "external_kd" => train_external_kd::<B>(&cfg, false, &RunControl::default(), &dev),
+            _ => train_copsd::<B>(&cfg, false, &RunControl::default(), &dev),
+        }
+        .unwrap_or_else(|e| panic!("{method}: {e}"));
+        assert!(tmp.path().join("adapter/adapter_model.safetensors").is_file(), "{method}: no RUN/adapter");
+        // Only the adapted modules moved; norms, embedding and unadapted projections are the base's.
+        let trained = opsa_models::checkpoint::hf_tensors(
+            &opsa_models::load_model::<burn::backend::NdArray>(&final_dir, &Default::default(), &dev).unwrap().0,
+        );
+        let mut moved = 0;
+        for (b, t) in base.iter().zip(&trained) {
+            let adapted = ["q_proj", "v_proj", "up_proj", "down_proj"].iter().any(|m| b.name.contains(m));
+            if !adapted {
+                assert!(b.data == t.data, "{method}: {} changed", b.name);
+            } else if b.data != t.data {
+                moved += 1;
+            }
+        }
+        // (external_kd distils qwen3-tiny into itself: with B = 0 the student is its teacher
+        // and every gradient is zero, so nothing may move there.)
+        assert_eq!(moved > 0, method != "external_kd", "{method}: {moved} adapted modules moved");
+        if method == "sft" {
+            let l = losses(tmp.path());
+            assert!(l[l.len() - 1] < l[0], "{method} with LoRA: loss did not fall: {l:?}");
+        }
+        generates(&final_dir);
+    }
+    // COPSD's cold-started teacher would be a second full model: refused with LoRA.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sets: Vec<&str> = lora.to_vec();
+    sets.push("copsd.cold_start_epochs=1");
+    sets.push("rollout.n=2");
+    let err = config("copsd", tmp.path(), &sets).unwrap_err().to_string();
+    assert!(err.contains("copsd.cold_start_epochs"), "{err}");
+}

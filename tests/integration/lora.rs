@@ -284,3 +284,25 @@ fn cli_runs_an_adapter_unmerged_and_convert_merges_it() {
     let g = run(&["generate", "--model", "tests/fixtures/qwen3-tiny", "--adapter", "tests/fixtures/lora-qwen3-tiny", "--prompt", "The cat", "--max-new-tokens", "4", "--json"]);
     assert!(!g.trim().is_empty());
 }
+
+#[test]
+fn plan_counts_one_frozen_base_and_only_the_adapters_state() {
+    // (cargo runs the tests in the package root: the recipes' relative context files resolve.)
+    let full = opsa_train::TrainConfig::load(
+        &root().join("configs/opsa-r1-distill-llama-8b.toml"),
+        &["model.path=\"configs/shapes/r1-distill-llama-8b\"".into()],
+    );
+    let lora = opsa_train::TrainConfig::load(
+        &root().join("configs/opsa-r1-distill-llama-8b-lora.toml"),
+        &["model.path=\"configs/shapes/r1-distill-llama-8b\"".into()],
+    );
+    let (full, lora) = (full.unwrap(), lora.unwrap());
+    let (pf, pl) = (opsa_train::plan::memory_plan(&full, 256).unwrap(), opsa_train::plan::memory_plan(&lora, 256).unwrap());
+    // r 16 on all seven projections of 32 layers: 16 · (in + out) summed.
+    assert_eq!(pl.trainable, 41_943_040);
+    assert!(pl.train.iter().all(|i| i.what != "teacher weights"));
+    let base = pl.train.iter().find(|i| i.what == "base weights (frozen)").unwrap();
+    assert_eq!(base.bytes, 2 * pl.parameters);
+    assert!(pl.train_total() * 5 < pf.train_total() as u64, "{} vs {}", pl.train_total(), pf.train_total());
+    assert!(pl.render().contains("LoRA: 41.9M trainable"));
+}

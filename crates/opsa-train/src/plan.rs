@@ -30,6 +30,8 @@ pub struct Item {
 pub struct MemoryPlan {
     pub model: String,
     pub parameters: u64,
+    /// Parameters that train (the adapters under LoRA, else all).
+    pub trainable: u64,
     /// Student and teacher sequence lengths of the training pass.
     pub student_len: usize,
     pub teacher_len: usize,
@@ -52,6 +54,9 @@ impl MemoryPlan {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "memory plan for {} ({:.1}M parameters)", self.model, self.parameters as f64 / 1e6);
+        if self.trainable != self.parameters {
+            let _ = writeln!(s, "LoRA: {:.1}M trainable adapter parameters; the base is frozen and is the teacher", self.trainable as f64 / 1e6);
+        }
         let _ = writeln!(s, "sequence lengths: student {} tokens, teacher {} tokens", self.student_len, self.teacher_len);
         for (phase, items, total) in [("rollouts", &self.rollout, self.rollout_total()), ("training pass", &self.train, self.train_total())] {
             let _ = writeln!(s, "\n{phase}:");
@@ -138,18 +143,37 @@ pub fn memory_plan(cfg: &TrainConfig, prompt_tokens: usize) -> Result<MemoryPlan
     let tt = if cfg.method == Method::Opsa { ts + context_tokens } else { ts };
     let m = cfg.train.micro_batch_size as u64;
 
-    let masters = Item { what: "student f32 master weights", bytes: 4 * p, note: "trained in f32".into() };
-    let moments = Item { what: "AdamW moments (f32)", bytes: 8 * p, note: "two per parameter".into() };
-    let teacher = has_teacher.then(|| Item { what: "teacher weights", bytes: cb * p, note: format!("{} bytes/param, frozen", cb) });
+    // LoRA: the base is held once, frozen, in the compute dtype (it is also the teacher, with the
+    // adapters off); only the adapters have f32 masters, moments and gradients.
+    let lora = cfg.lora.as_ref();
+    let pa = lora.map_or(p, |l| l.num_parameters(&c) as u64);
+    let masters = match lora {
+        None => Item { what: "student f32 master weights", bytes: 4 * p, note: "trained in f32".into() },
+        Some(l) => Item { what: "LoRA adapters, f32 masters", bytes: 4 * pa, note: format!("r = {}, {} modules × {} layers", l.r, l.target_modules.len(), c.num_hidden_layers) },
+    };
+    let moments = Item { what: "AdamW moments (f32)", bytes: 8 * pa, note: "two per trained parameter".into() };
+    let teacher = match lora {
+        Some(_) => None,
+        None => has_teacher.then(|| Item { what: "teacher weights", bytes: cb * p, note: format!("{} bytes/param, frozen", cb) }),
+    };
+    let base = lora.map(|_| Item {
+        what: "base weights (frozen)",
+        bytes: cb * p,
+        note: format!("{} bytes/param{}", cb, if has_teacher { "; also the teacher (adapters off)" } else { "" }),
+    });
 
     let mut rollout = vec![masters.clone(), moments.clone()];
     let mut train = vec![masters, moments];
+    if let Some(b) = base {
+        rollout.push(b.clone());
+        train.push(b);
+    }
     if let Some(t) = &teacher {
         rollout.push(t.clone());
         train.push(t.clone());
     }
     if generates {
-        if mixed {
+        if mixed && lora.is_none() {
             rollout.push(Item { what: "rollout weights (bf16 copy)", bytes: 2 * p, note: "cast once per step".into() });
         }
         let rb = cfg.rollout.batch_size as u64;
@@ -165,14 +189,16 @@ pub fn memory_plan(cfg: &TrainConfig, prompt_tokens: usize) -> Result<MemoryPlan
     let accumulating = cfg.train.micro_batch_size < cfg.train.batch_size * cfg.rollout.n.max(1);
     train.push(Item {
         what: "gradients (f32)",
-        bytes: 4 * p * if accumulating { 2 } else { 1 },
+        bytes: 4 * pa * if accumulating { 2 } else { 1 },
         note: if accumulating { "the step's sum and one micro-batch's".into() } else { "one micro-batch".into() },
     });
-    if mixed {
+    if mixed && lora.is_none() {
         let (bytes, note) = if cfg.train.recompute { (2 * layer_params, "one layer at a time (recompute)") } else { (2 * p, "kept by autodiff for the backward pass") };
         train.push(Item { what: "bf16 compute weights", bytes, note: note.into() });
     }
     let (lin, att, att_backward) = layer_activations(&c, ts as u64, cb);
+    // LoRA: each adapted product also keeps its `[t, r]` middle.
+    let lin = lin + lora.map_or(0, |l| ts as u64 * cb * (l.r * l.target_modules.len()) as u64);
     let acts = if cfg.train.recompute { m * (l * ts as u64 * h * cb + lin + att + att_backward) } else { m * (l * (lin + att) + att_backward) };
     train.push(Item {
         what: "student activations",
@@ -203,6 +229,7 @@ pub fn memory_plan(cfg: &TrainConfig, prompt_tokens: usize) -> Result<MemoryPlan
     Ok(MemoryPlan {
         model: dir.display().to_string(),
         parameters: p,
+        trainable: pa,
         student_len: ts,
         teacher_len: tt,
         rollout,
