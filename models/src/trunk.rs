@@ -102,8 +102,8 @@ impl<B: AutodiffBackend> CausalLm<B> {
         }
         // The embedding (with a tied head, its gradient adds to the head's).
         // (A frozen embedding, as under LoRA, has no graph and nothing to add.)
-        let e = self.model.embed_tokens.forward(saved.ids, self.dtype());
-        if e.is_require_grad() {
+        if self.model.embed_tokens.weight.val().is_require_grad() {
+            let e = self.model.embed_tokens.forward(saved.ids, self.dtype());
             let grads = (e * Tensor::<B, 3>::from_inner(g)).sum().backward();
             acc.accumulate(self, GradientsParams::from_grads(grads, self));
         }
