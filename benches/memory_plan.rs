@@ -15,12 +15,11 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{config, env_usize};
+use common::{config, env_usize, ids, peak_rss, reset_peak, rss};
 
 use burn::backend::Autodiff;
 use burn::optim::{GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::backend::AutodiffBackend;
 use opsa_distill::{backward_chunked, Targets};
 use opsa_generate::{generate, SamplingParams};
 use opsa_models::checkpoint::random_model;
@@ -28,28 +27,6 @@ use opsa_models::decoder::Positions;
 use opsa_models::{load_model, save_model, LoadOptions, ModelConfig, WeightDType};
 use opsa_train::plan::{human, memory_plan};
 use opsa_train::TrainConfig;
-
-fn status_kib(key: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
-/// Current and peak resident memory in bytes; `reset_peak` sets the peak to the current value.
-fn rss() -> u64 {
-    status_kib("VmRSS:") * 1024
-}
-fn peak() -> u64 {
-    status_kib("VmHWM:") * 1024
-}
-fn reset_peak() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn ids<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
-    let t = rows[0].len();
-    let data: Vec<i64> = rows.iter().flatten().map(|&x| x as i64).collect();
-    Tensor::from_data(TensorData::new(data, [rows.len(), t]), device)
-}
 
 /// The ~42M shape as a Hugging Face folder with random weights.
 fn write_42m(dir: &std::path::Path) {
@@ -139,7 +116,7 @@ recompute = {recompute}
         let idx: Vec<u64> = (0..rows as u64).collect();
         let gens = generate(&policy, &prompts, &idx, &params, &[], None).unwrap();
         drop(policy);
-        rollout_peak = peak().saturating_sub(base);
+        rollout_peak = peak_rss().saturating_sub(base);
         reset_peak();
         let mut acc = burn::optim::GradientsAccumulator::<opsa_models::CausalLm<B>>::new();
         let total: usize = gens.iter().map(|g| g.token_ids.len()).sum();
@@ -162,7 +139,7 @@ recompute = {recompute}
         }
         let grads: GradientsParams = acc.grads();
         student = optim.step(1e-5, student, grads);
-        train_peak = peak().saturating_sub(base);
+        train_peak = peak_rss().saturating_sub(base);
     }
     let r = |m: u64, p: u64| p as f64 / m.max(1) as f64;
     println!(

@@ -13,40 +13,20 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{config, env_usize};
+use common::{config, env_usize, ids, peak_rss, reset_peak, rss};
 use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::backend::AutodiffBackend;
 use opsa_distill::{backward_chunked, Divergence, DivergenceKind, Targets};
 use opsa_generate::{generate, SamplingParams};
 use opsa_models::checkpoint::random_model;
 use opsa_models::decoder::Positions;
 use opsa_models::WeightDType;
 
-/// Peak resident memory (MiB) since the last reset.
-fn peak_rss_mib() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
-}
-
-fn current_rss_mib() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
-}
-
-fn reset_peak() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn ids<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
-    let t = rows[0].len();
-    let data: Vec<i64> = rows.iter().flatten().map(|&x| x as i64).collect();
-    Tensor::from_data(TensorData::new(data, [rows.len(), t]), device)
-}
+const MIB: f64 = 1024.0 * 1024.0;
 
 fn step<B: AutodiffBackend>(name: &str, device: &B::Device) {
     let cfg = config();
@@ -108,14 +88,14 @@ fn step<B: AutodiffBackend>(name: &str, device: &B::Device) {
         }
         let ht = teacher.forward_hidden(ids::<B::InnerBackend>(&rows, device), &Positions::causal(b, len), None);
         let hs = student.forward_trunk(ids::<B>(&rows, device), &Positions::causal(b, len), false);
-        let base = current_rss_mib();
+        let base = rss() as f64 / MIB;
         reset_peak();
         let out = backward_chunked(&full, &student, hs, &teacher, ht, &targets, targets.len(), chunk);
         drop(out);
         let logits_mib = (b * len * cfg.vocab_size * 4) as f64 / (1024.0 * 1024.0);
         println!(
             "{{\"impl\":\"opsa\",\"backend\":\"{name}\",\"divergence_peak\":true,\"response_len\":{len},\"chunk\":{chunk},\"peak_over_start_mib\":{:.0},\"one_full_logits_tensor_mib\":{logits_mib:.0}}}",
-            peak_rss_mib() - base
+            peak_rss() as f64 / MIB - base
         );
     }
 }

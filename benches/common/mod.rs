@@ -1,4 +1,9 @@
-//! What the benchmarks share: the ~42M-parameter Qwen3-shaped model and environment knobs.
+//! What the benchmarks share: the ~42M-parameter Qwen3-shaped model, environment knobs, token
+//! rows as tensors and the process's resident memory.
+#![allow(dead_code)] // each bench uses its own part
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
 
 use opsa_models::DecoderConfig;
 
@@ -26,4 +31,31 @@ pub fn config() -> DecoderConfig {
 
 pub fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+}
+
+/// Equal-length token rows as a `[rows, t]` tensor.
+pub fn ids<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
+    let t = rows[0].len();
+    let data: Vec<i64> = rows.iter().flatten().map(|&x| x as i64).collect();
+    Tensor::from_data(TensorData::new(data, [rows.len(), t]), device)
+}
+
+fn status_bytes(key: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024
+}
+
+/// Resident memory now, in bytes.
+pub fn rss() -> u64 {
+    status_bytes("VmRSS:")
+}
+
+/// Peak resident memory since the last [`reset_peak`], in bytes.
+pub fn peak_rss() -> u64 {
+    status_bytes("VmHWM:")
+}
+
+/// Set the peak to the current resident memory.
+pub fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
