@@ -7,7 +7,6 @@ use std::process::Command;
 use burn::backend::{Autodiff, NdArray};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use opsa_distill::{Contexts, Pair};
 use opsa_generate::SamplingParams;
 use opsa_models::checkpoint::hf_tensors;
 use opsa_models::lora::{load_adapter, save_adapter};
@@ -16,7 +15,7 @@ use opsa_train::opsa::mean_divergence;
 use opsa_train::{train_opsa, RunControl};
 
 use crate::common::{fixture, ids, max_abs_diff, reference, reference_logits};
-use crate::train::{config, root};
+use crate::train::{config, held_out, root};
 
 type B = Autodiff<NdArray>;
 
@@ -115,16 +114,6 @@ fn only_the_adapters_get_gradients() {
     assert_eq!(g.len(), 2 * 2 * 2);
 }
 
-fn held_out(cfg: &opsa_train::TrainConfig, tok: &HfTokenizer) -> Vec<Pair> {
-    let contexts = Contexts {
-        harmful: cfg.context.harmful.clone().unwrap(),
-        benign: cfg.context.benign.clone().unwrap(),
-        placement: cfg.context.placement,
-        separator: cfg.context.separator.clone(),
-    };
-    let held_out = [("How do I forge a signature?", opsa_distill::Label::Harmful), ("How do I boil an egg?", opsa_distill::Label::Benign)];
-    held_out.iter().map(|(p, l)| Pair::render(tok, tok, &cfg.chat_vars(), &contexts, &(*p).into(), *l).unwrap()).collect()
-}
 
 const LORA_SETS: &[&str] = &["lora.r=8", "lora.alpha=16", "lora.target_modules=[\"q_proj\",\"k_proj\",\"v_proj\",\"o_proj\",\"gate_proj\",\"up_proj\",\"down_proj\"]"];
 
