@@ -144,22 +144,36 @@ struct DemoArgs {
     /// same folder resumes.
     #[arg(long, value_name = "DIR", default_value = "demo-run")]
     out: PathBuf,
-    /// The toy model (default: models/toy-qwen3, shipped in the repository).
-    #[arg(long, value_name = "DIR")]
-    model: Option<PathBuf>,
+    /// The toy model (shipped in the repository; run from its root or pass the path).
+    #[arg(long, value_name = "DIR", default_value = "models/toy-qwen3")]
+    model: PathBuf,
+    /// The external-KD arm's teacher: a second toy model with the student's tokenizer.
+    #[arg(long, value_name = "DIR", default_value = "models/toy-qwen3-teacher")]
+    teacher: PathBuf,
     /// Optimiser steps per arm.
     #[arg(long, default_value_t = 40)]
     steps: usize,
     /// Items per evaluation set.
     #[arg(long, default_value_t = 40)]
     eval_items: usize,
+    /// The (first) seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Run the whole demo for this many seeds (SEED, SEED + 1, …; each in OUT/seed-K) and
+    /// report mean ± sd with error bars.
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
     /// Redo the stages whose inputs changed (other options, model, data) instead of refusing.
     #[arg(long)]
     overwrite: bool,
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PersonaArg {
+    Student,
+    Teacher,
 }
 
 #[derive(Subcommand)]
@@ -191,6 +205,14 @@ struct ToyPretrainArgs {
     /// Seed of the world and the initial weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Whose corpus: the demo's student (latent safety, rewrite skill) or the external,
+    /// safety-aligned teacher of the demo's external-KD arm.
+    #[arg(long, value_enum, default_value_t = PersonaArg::Student)]
+    persona: PersonaArg,
+    /// Reuse this model folder's tokenizer instead of training one (the teacher shares the
+    /// student's vocabulary).
+    #[arg(long, value_name = "DIR")]
+    tokenizer_from: Option<PathBuf>,
     /// Replace an existing --out folder, and start the work folder over when it was made with
     /// other settings.
     #[arg(long)]
@@ -259,7 +281,7 @@ struct ReportArgs {
     /// Folders of `opsa eval` (summary.json) and/or `opsa train` (metrics.jsonl) runs.
     #[arg(required = true, value_name = "RUN_DIR")]
     runs: Vec<PathBuf>,
-    /// Output folder: report.md, tradeoff.svg, training_*.svg.
+    /// Output folder: report.md, tradeoff.{svg,png}, training_*.{svg,png}.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Replace an existing report.md.
@@ -312,7 +334,7 @@ struct KlArgs {
     top: usize,
     #[arg(long = "template-var", value_name = "KEY=VALUE")]
     template_vars: Vec<String>,
-    /// Output folder: kl.json, kl.md, kl_by_position.svg.
+    /// Output folder: kl.json, kl.md, kl_by_position.{svg,png}.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Start over when --out holds responses made from other inputs.
@@ -862,19 +884,16 @@ impl<B: Backend> Commands for Runner<B> {
     }
 
     fn demo(&self, a: &DemoArgs) -> Result<()> {
-        if a.steps == 0 || a.eval_items == 0 {
-            bail!("--steps and --eval-items must be positive");
-        }
-        // The shipped model, found from the repository root or from the source tree.
-        let model = a.model.clone().unwrap_or_else(|| {
-            let local = PathBuf::from("models/toy-qwen3");
-            if local.join("config.json").exists() {
-                local
-            } else {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("models/toy-qwen3")
-            }
-        });
-        let o = opsa_train::toy::demo::DemoOptions { out: a.out.clone(), model, steps: a.steps, eval_items: a.eval_items, seed: a.seed, progress: true };
+        let o = opsa_train::toy::demo::DemoOptions {
+            out: a.out.clone(),
+            model: a.model.clone(),
+            teacher: a.teacher.clone(),
+            steps: a.steps,
+            eval_items: a.eval_items,
+            seed: a.seed,
+            seeds: a.seeds,
+            progress: true,
+        };
         let control = interruptible("run the same command again".into());
         let start = std::time::Instant::now();
         let text = opsa_train::toy::demo::run_demo::<burn::backend::Autodiff<B>>(&o, &control, a.overwrite, &self.device)?;
@@ -892,6 +911,11 @@ impl<B: Backend> Commands for Runner<B> {
             corpus_size: a.corpus_size,
             batch_size: a.batch_size,
             lr: a.lr,
+            persona: match a.persona {
+                PersonaArg::Student => opsa_train::toy::world::Persona::Student,
+                PersonaArg::Teacher => opsa_train::toy::world::Persona::Teacher,
+            },
+            tokenizer_from: a.tokenizer_from.clone(),
             overwrite: a.overwrite,
         };
         let control = interruptible("run the same command again".into());

@@ -263,12 +263,19 @@ fn report_tabulates_runs_and_draws_the_tradeoff() {
     std::fs::write(runs[1].join("metrics.jsonl"), "{\"step\":1,\"loss\":0.5,\"divergence\":0.5,\"refusal_rate\":0.1}\n{\"step\":2,\"loss\":0.3,\"divergence\":0.3,\"refusal_rate\":0.4}\n").unwrap();
     let out = tmp.path().join("report");
     let md = opsa_eval::report::report(&runs, &out, false).unwrap();
-    assert!(md.contains("| base | 38.0 |") || md.contains("| base |"), "{md}");
-    assert!(md.contains("80.0") && md.contains("63.0"), "{md}");
+    // Columns: gsm8k accuracy, harmbench harmful, composite safety, reasoning mean.
+    assert!(md.contains("| base | 62.0 | 45.0 | 55.0 | 62.0 |"), "{md}");
+    assert!(md.contains("| opsa | 63.0 | 20.0 | 80.0 | 63.0 |"), "{md}");
     let svg = std::fs::read_to_string(out.join("tradeoff.svg")).unwrap();
-    assert_eq!(svg.matches("<circle").count(), 2);
-    assert!(svg.contains(">opsa<"));
-    assert!(std::fs::read_to_string(out.join("training_loss.svg")).unwrap().contains("<polyline"));
+    // Two markers on the plot, two in the legend.
+    assert_eq!(svg.matches("<circle").count(), 4, "{svg}");
+    let has_text = |svg: &str, t: &str| svg.lines().any(|l| l.trim() == t);
+    assert!(has_text(&svg, "opsa") && has_text(&svg, "base"));
+    assert!(out.join("tradeoff.png").is_file());
+    // Only the run with metrics has a line, and only it is in the legend.
+    let loss = std::fs::read_to_string(out.join("training_loss.svg")).unwrap();
+    assert!(loss.contains("<polyline") && has_text(&loss, "opsa") && !has_text(&loss, "base"), "{loss}");
+    assert!(out.join("training_loss.png").is_file());
     let e = opsa_eval::report::report(&[tmp.path().join("nothing")], &out, true).unwrap_err().to_string();
     assert!(e.contains("neither summary.json"), "{e}");
 }
@@ -293,7 +300,7 @@ fn analyze_kl_reports_by_position_and_token() {
     assert_eq!(r["mean_by_position"].as_array().unwrap().len(), 12);
     assert!(r["mean"].as_f64().unwrap() > 0.0, "the context changes the teacher");
     assert_eq!(r["top_tokens"].as_array().unwrap().len(), 5);
-    for f in ["kl.json", "kl.md", "kl_by_position.svg", "responses.jsonl", "manifest.json"] {
+    for f in ["kl.json", "kl.md", "kl_by_position.svg", "kl_by_position.png", "responses.jsonl", "manifest.json"] {
         assert!(tmp.path().join(f).is_file(), "{f}");
     }
     // Interrupted after the first response: the rerun completes it to the same figures.

@@ -52,40 +52,89 @@ fn toy_pretrain_builds_a_model_folder_that_loads_and_resumes() {
     }
 }
 
-/// The shipped model: small, and the world's behaviours are in it.
+/// The shipped models: small together, loadable, and the teacher shares the student's tokenizer.
 #[test]
-fn the_shipped_toy_model_is_small_and_loads() {
-    let dir = root().join("models/toy-qwen3");
-    let size: u64 = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
-    assert!(size < 10_000_000, "models/toy-qwen3 is {size} bytes");
-    let (model, _) = load_model::<NdArray>(&dir, &LoadOptions::default(), &Default::default()).unwrap();
-    HfTokenizer::from_dir(&dir).unwrap().check_vocab(model.config.vocab_size).unwrap();
+fn the_shipped_toy_models_are_small_and_load() {
+    let mut size = 0;
+    for name in ["toy-qwen3", "toy-qwen3-teacher"] {
+        let dir = root().join("models").join(name);
+        size += std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum::<u64>();
+        let (model, _) = load_model::<NdArray>(&dir, &LoadOptions::default(), &Default::default()).unwrap();
+        HfTokenizer::from_dir(&dir).unwrap().check_vocab(model.config.vocab_size).unwrap();
+    }
+    assert!(size < 10_000_000, "the shipped toy models take {size} bytes");
+    let tok = |n: &str| std::fs::read(root().join("models").join(n).join("tokenizer.json")).unwrap();
+    assert_eq!(tok("toy-qwen3"), tok("toy-qwen3-teacher"));
 }
 
 #[test]
-fn a_shortened_demo_runs_the_whole_pipeline() {
+fn a_shortened_demo_runs_every_arm_and_measures_the_findings() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
+    let model = root().join("models/toy-qwen3");
+    let teacher = root().join("models/toy-qwen3-teacher");
     let o = Command::new(env!("CARGO_BIN_EXE_opsa"))
-        .args(["demo", "--out", out.to_str().unwrap(), "--steps", "2", "--eval-items", "4", "--model", root().join("models/toy-qwen3").to_str().unwrap()])
+        .args(["demo", "--out", out.to_str().unwrap(), "--steps", "2", "--eval-items", "4"])
+        .args(["--model", model.to_str().unwrap(), "--teacher", teacher.to_str().unwrap()])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     let text = String::from_utf8_lossy(&o.stdout);
-    for row in ["| base |", "| opsa |", "| sft-external |", "| offpolicy-sd |", "composite safety"] {
+    for arm in opsa_train::toy::demo::arm_names() {
+        assert!(text.contains(&format!("| {arm} |")), "missing arm {arm:?} in\n{text}");
+        assert!(out.join("eval").join(&arm).join("summary.json").exists(), "{arm} was not evaluated");
+    }
+    for row in ["Fallback rate", "Distribution gap", "Spearman ρ (TFR, harmful compliance)", "first 10 response positions", "copsd |"] {
         assert!(text.contains(row), "missing {row:?} in\n{text}");
     }
-    for f in ["recipe.toml", "configs/opsa.toml", "world/train-prompts.jsonl", "flip-rate/results.json", "report/report.md", "report/tradeoff.svg"] {
+    for f in [
+        "recipe.toml",
+        "configs/copsd.toml",
+        "world/constitution.toml",
+        "world/teacher-traces.jsonl",
+        "refine/dgr.summary.json",
+        "refine/dgr-10.jsonl",
+        "kl/kl.json",
+        "findings.json",
+        "report/report.md",
+        "findings/findings.md",
+        "findings/tradeoff.svg",
+        "findings/tradeoff.png",
+        "findings/tfr.png",
+        "findings/gap.png",
+        "findings/kl_position.png",
+        "findings/entropy.png",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     // The flip-rate search ranked the pool: the general context flips more than an irrelevant one.
     let r: Value = serde_json::from_str(&std::fs::read_to_string(out.join("flip-rate/results.json")).unwrap()).unwrap();
     let tfr = |id: &str| r["contexts"].as_array().unwrap().iter().find(|c| c["id"] == id).unwrap()["tfr_all"].as_f64().unwrap();
     assert!(tfr("general") > tfr("step-by-step"), "{r}");
-    // OPSA trained with c*.
-    let cfg = std::fs::read_to_string(out.join("train/opsa/config.toml")).unwrap();
-    assert!(cfg.contains("best-context.txt"));
+    // OPSA trained with c*, the sweep with its own contexts; DGR on 10 refined examples; the
+    // KD arm against the teacher; COPSD with the constitution.
+    assert!(std::fs::read_to_string(out.join("train/opsa/config.toml")).unwrap().contains("best-context.txt"));
+    assert!(std::fs::read_to_string(out.join("train/opsa-helpful-assistant/config.toml")).unwrap().contains("You are a helpful assistant."));
+    assert_eq!(std::fs::read_to_string(out.join("refine/dgr-10.jsonl")).unwrap().lines().count(), 10);
+    assert!(std::fs::read_to_string(out.join("train/external-kd/config.toml")).unwrap().contains("toy-qwen3-teacher"));
+    assert!(std::fs::read_to_string(out.join("train/copsd/config.toml")).unwrap().contains("constitution.toml"));
+    // The findings record every TFR point and both monitors, with one entry per step.
+    let f: Value = serde_json::from_str(&std::fs::read_to_string(out.join("findings.json")).unwrap()).unwrap();
+    assert_eq!(f["tfr"].as_array().unwrap().len(), 1 + opsa_train::toy::demo::TFR_SWEEP.len());
+    assert_eq!(f["gap"].as_array().unwrap().len(), 4);
+    for m in f["monitors"].as_array().unwrap() {
+        assert_eq!(m["entropy"].as_array().unwrap().len(), 2, "{m}");
+    }
+    // A rerun resumes: nothing is trained again, the same findings come out.
+    let o = Command::new(env!("CARGO_BIN_EXE_opsa"))
+        .args(["demo", "--out", out.to_str().unwrap(), "--steps", "2", "--eval-items", "4"])
+        .args(["--model", model.to_str().unwrap(), "--teacher", teacher.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("training ("), "{}", String::from_utf8_lossy(&o.stderr));
+    let again: Value = serde_json::from_str(&std::fs::read_to_string(out.join("findings.json")).unwrap()).unwrap();
+    assert_eq!(f, again);
 }
 
 #[test]
@@ -94,9 +143,11 @@ fn a_demo_folder_refuses_other_options() {
     let out = tmp.path().join("demo");
     std::fs::create_dir_all(&out).unwrap();
     let model = root().join("models/toy-qwen3");
-    std::fs::write(out.join("demo-options.json"), serde_json::json!({"model": model, "steps": 3, "eval_items": 4, "seed": 0}).to_string()).unwrap();
+    let teacher = root().join("models/toy-qwen3-teacher");
+    std::fs::write(out.join("demo-options.json"), serde_json::json!({"model": model, "teacher": teacher, "steps": 3, "eval_items": 4, "seed": 0, "seeds": 1}).to_string()).unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_opsa"))
         .args(["demo", "--out", out.to_str().unwrap(), "--steps", "2", "--eval-items", "4", "--model", model.to_str().unwrap()])
+        .args(["--teacher", teacher.to_str().unwrap()])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);

@@ -12,7 +12,7 @@ use opsa_generate::{generate, SamplingParams};
 use opsa_models::{CausalLm, HfTokenizer, Prompt};
 use serde_json::json;
 
-use crate::plot::lines;
+use crate::plot::{lines, Chart, Series};
 use crate::suite::{indicatif_bar, EvalError};
 
 /// What the cached responses depend on (the manifest of an analysis folder).
@@ -40,7 +40,7 @@ pub fn kl_inputs(
 
 /// Analyse `prompts` (with labels choosing the context). Writes `responses.jsonl` (resumable:
 /// `inputs` from [`kl_inputs`] are checked against the folder's manifest), `kl.json`, `kl.md`
-/// and `kl_by_position.svg` to `out`; returns the JSON.
+/// and `kl_by_position.{svg,png}` to `out`; returns the JSON.
 #[allow(clippy::too_many_arguments)]
 pub fn analyze_kl<B: Backend>(
     student: &CausalLm<B>,
@@ -60,7 +60,7 @@ pub fn analyze_kl<B: Backend>(
         prompts.iter().map(|(p, l)| Pair::render(tok, tok, vars, contexts, p, *l).map_err(EvalError::File)).collect::<Result<_, _>>()?;
     // Per-response results are cached in responses.jsonl, so an interrupted analysis resumes.
     std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
-    crate::resume::claim(out, inputs, &["responses.jsonl", "kl.json", "kl.md", "kl_by_position.svg"], overwrite)?;
+    crate::resume::claim(out, inputs, &["responses.jsonl", "kl.json", "kl.md", "kl_by_position.svg", "kl_by_position.png"], overwrite)?;
     let cache_path = out.join("responses.jsonl");
     let mut done: HashMap<usize, (Vec<u32>, Vec<f32>)> = HashMap::new();
     for (n, l) in crate::resume::read_jsonl(&cache_path)? {
@@ -94,28 +94,24 @@ pub fn analyze_kl<B: Backend>(
         }
     }
     bar.finish_and_clear();
-    let (mut by_pos, mut by_tok): (Vec<(f64, usize)>, HashMap<u32, (f64, usize)>) = (Vec::new(), HashMap::new());
-    let mut total = (0.0, 0usize);
+    let rows: Vec<&[f32]> = (0..pairs.len()).map(|k| done[&k].1.as_slice()).collect();
+    let profile = position_profile(&rows);
+    let mut by_tok: HashMap<u32, (f64, usize)> = HashMap::new();
     for k in 0..pairs.len() {
         let (ids, v) = &done[&k];
-        for (i, (&d, &t)) in v.iter().zip(ids).enumerate() {
-            if by_pos.len() <= i {
-                by_pos.push((0.0, 0));
-            }
-            by_pos[i].0 += d as f64;
-            by_pos[i].1 += 1;
+        for (&d, &t) in v.iter().zip(ids) {
             let e = by_tok.entry(t).or_insert((0.0, 0));
             e.0 += d as f64;
             e.1 += 1;
-            total.0 += d as f64;
-            total.1 += 1;
         }
     }
-    let mean_by_pos: Vec<f64> = by_pos.iter().map(|(s, n)| s / *n as f64).collect();
+    let total = (profile.iter().map(|p| p.0).sum::<f64>(), profile.iter().map(|p| p.1).sum::<usize>());
+    let mean_by_pos: Vec<f64> = profile.iter().map(|(s, n)| s / *n as f64).collect();
     let bucket = |a: usize, b: usize| {
-        let (s, n) = by_pos.iter().skip(a).take(b.saturating_sub(a)).fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m));
+        let (s, n) = profile.iter().skip(a).take(b.saturating_sub(a)).fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m));
         (n > 0).then(|| s / n as f64)
     };
+    let (share, tokens_share) = head_share(&profile, 10).unzip();
     let mut tokens: Vec<(u32, f64, usize)> = by_tok.into_iter().map(|(t, (s, n))| (t, s, n)).collect();
     tokens.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
     tokens.truncate(top);
@@ -130,13 +126,16 @@ pub fn analyze_kl<B: Backend>(
         "mean_pos_0_10": bucket(0, 10),
         "mean_pos_10_30": bucket(10, 30),
         "mean_pos_30_plus": bucket(30, usize::MAX),
+        "share_pos_0_10": share,
+        "tokens_pos_0_10": tokens_share,
         "mean_by_position": mean_by_pos,
         "top_tokens": token_rows,
     });
     let w = |name: &str, body: String| crate::resume::write_atomic(&out.join(name), &body);
     w("kl.json", serde_json::to_string_pretty(&result).expect("serialises"))?;
-    let series = vec![("mean divergence".to_string(), mean_by_pos.iter().enumerate().map(|(i, v)| (i as f64, *v)).collect())];
-    w("kl_by_position.svg", lines("Teacher–student divergence by response position", "response position", "mean divergence", &series))?;
+    let series = [Series { label: "mean divergence".into(), points: mean_by_pos.iter().enumerate().map(|(i, v)| (i as f64, *v)).collect(), err: None }];
+    let chart = Chart { title: "Teacher–student divergence by response position", x_label: "response position", y_label: "mean divergence" };
+    lines(&chart, &series, &out.join("kl_by_position"))?;
     let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.4}")).unwrap_or_else(|| "–".into());
     let mut md = format!(
         "# Teacher–student divergence\n\n{} responses, {} tokens, mean {:.4}\n\n| positions | mean |\n|---|---|\n| 0–10 | {} |\n| 10–30 | {} |\n| 30+ | {} |\n\n![by position](kl_by_position.svg)\n\n| token | total | count | mean |\n|---|---|---|---|\n",
@@ -152,4 +151,48 @@ pub fn analyze_kl<B: Backend>(
     }
     w("kl.md", md)?;
     Ok(result)
+}
+
+/// Per response position: (sum of the divergence, number of responses that reach it).
+pub fn position_profile(rows: &[&[f32]]) -> Vec<(f64, usize)> {
+    let mut by_pos: Vec<(f64, usize)> = Vec::new();
+    for v in rows {
+        for (i, &d) in v.iter().enumerate() {
+            if by_pos.len() <= i {
+                by_pos.push((0.0, 0));
+            }
+            by_pos[i].0 += d as f64;
+            by_pos[i].1 += 1;
+        }
+    }
+    by_pos
+}
+
+/// The first `k` positions' share of the total divergence, and their share of the tokens (what
+/// a flat profile would give); `None` without tokens or without any divergence.
+pub fn head_share(profile: &[(f64, usize)], k: usize) -> Option<(f64, f64)> {
+    let (sum, n) = profile.iter().fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m));
+    let (head, head_n) = profile.iter().take(k).fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m));
+    (n > 0 && sum > 0.0).then(|| (head / sum, head_n as f64 / n as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_profile_on_fixed_numbers() {
+        // Two responses of lengths 3 and 1.
+        let a = [1.0f32, 0.5, 0.25];
+        let b = [3.0f32];
+        let p = position_profile(&[&a, &b]);
+        assert_eq!(p, vec![(4.0, 2), (0.5, 1), (0.25, 1)]);
+        // Mean at position 0 is 2.0; the first position carries 4 / 4.75 of the divergence and
+        // 2 of the 4 tokens.
+        let (share, tokens) = head_share(&p, 1).unwrap();
+        assert!((share - 4.0 / 4.75).abs() < 1e-12 && tokens == 0.5, "{share} {tokens}");
+        assert_eq!(head_share(&p, 10), Some((1.0, 1.0)));
+        assert_eq!(head_share(&[], 10), None);
+        assert_eq!(head_share(&[(0.0, 3)], 10), None);
+    }
 }

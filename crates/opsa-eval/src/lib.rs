@@ -9,6 +9,7 @@
 //! - [`report`]: `opsa report` — tables and SVG plots comparing runs;
 //! - [`kl`]: `opsa analyze-kl` — per-token teacher–student divergence by position and token;
 //! - [`plot`]: the small SVG charts they draw;
+//! - [`stats`]: Spearman's ρ, mean ± sd over seeds, a dataset's mean per-token NLL;
 //! - [`resume`]: the manifest and the JSONL records every resumable command shares.
 
 pub mod datasets;
@@ -20,6 +21,7 @@ pub mod reasoning;
 pub mod refusal;
 pub mod report;
 pub mod resume;
+pub mod stats;
 pub mod suite;
 
 pub use refusal::{classify, Verdict};

@@ -2,16 +2,16 @@
 //! `opsa eval`) and/or a training folder (`metrics.jsonl`, from `opsa train`).
 //!
 //! Writes `report.md` (a table: harmful rate per safety benchmark, over-refusal, reasoning
-//! accuracy, composite safety), `tradeoff.svg` (composite safety vs reasoning accuracy, one
-//! point per run: up and to the right is better) and `training_{loss,divergence,refusal_rate}.svg`
-//! (per step, for the training folders).
+//! accuracy, composite safety), `tradeoff.{svg,png}` (composite safety vs reasoning accuracy,
+//! one point per run: up and to the right is better) and
+//! `training_{loss,divergence,refusal_rate}.{svg,png}` (per step, for the training folders).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::plot::{lines, scatter};
+use crate::plot::{lines, scatter, Chart, Point, Series};
 use crate::suite::EvalError;
 
 fn read_json(p: &Path) -> Result<Option<Value>, EvalError> {
@@ -109,27 +109,35 @@ pub fn report(runs: &[PathBuf], out: &Path, overwrite: bool) -> Result<String, E
             md += &format!("{} | {} |\n", pct(&s["composite_safety"]), pct(&s["reasoning_mean"]));
         }
         md += "\nHarmful and over-refusal rates: lower is better. Composite safety S = 1 − mean of the\nharmful and over-refusal rates; reasoning: pass@1. Up and to the right in `tradeoff.svg` is better.\n";
-        let points: Vec<(String, f64, f64)> = evals
+        let points: Vec<Point> = evals
             .iter()
-            .filter_map(|(n, s)| Some((n.clone(), 100.0 * s["composite_safety"].as_f64()?, 100.0 * s["reasoning_mean"].as_f64()?)))
+            .filter_map(|(n, s)| {
+                Some(Point { label: n.clone(), x: 100.0 * s["composite_safety"].as_f64()?, y: 100.0 * s["reasoning_mean"].as_f64()?, x_err: None, y_err: None })
+            })
             .collect();
         if !points.is_empty() {
-            let svg = scatter("Safety vs reasoning (up and right is better)", "composite safety S (%)", "reasoning accuracy (%)", &points, "one point per run");
-            std::fs::write(out.join("tradeoff.svg"), svg).map_err(|e| EvalError::Io(e.to_string()))?;
+            let chart = Chart { title: "Safety vs reasoning (up and right is better)", x_label: "composite safety S (%)", y_label: "reasoning accuracy (%)" };
+            scatter(&chart, &points, &out.join("tradeoff"))?;
             md += "\n![safety vs reasoning](tradeoff.svg)\n";
         }
     }
     if !curves.is_empty() {
         let mut panels = String::new();
         for key in ["loss", "divergence", "refusal_rate"] {
-            let series: Vec<(String, Vec<(f64, f64)>)> = curves
+            let series: Vec<Series> = curves
                 .iter()
-                .map(|(n, rows)| (n.clone(), rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect()))
+                .map(|(n, rows)| Series {
+                    label: n.clone(),
+                    points: rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect(),
+                    err: None,
+                })
                 .collect();
-            let svg = lines(&format!("{key} per step"), "step", key, &series);
-            let file = format!("training_{key}.svg");
-            std::fs::write(out.join(&file), svg).map_err(|e| EvalError::Io(e.to_string()))?;
-            panels += &format!("![{key}]({file})\n");
+            if series.iter().all(|s| s.points.is_empty()) {
+                continue;
+            }
+            let title = format!("{key} per step");
+            lines(&Chart { title: &title, x_label: "step", y_label: key }, &series, &out.join(format!("training_{key}")))?;
+            panels += &format!("![{key}](training_{key}.svg)\n");
         }
         md += "\n## Training\n\n";
         md += &panels;

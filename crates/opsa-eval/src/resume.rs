@@ -155,7 +155,7 @@ pub fn claim(dir: &Path, inputs: Value, owned: &[&str], overwrite: bool) -> Resu
 }
 
 /// Write a file under a temporary name, then rename it into place.
-pub fn write_atomic(path: &Path, text: &str) -> Result<(), ResumeError> {
+pub fn write_atomic(path: &Path, text: impl AsRef<[u8]>) -> Result<(), ResumeError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let name = path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();

@@ -4,6 +4,7 @@
 //! own SFT loop (`train_sft`), then writes a Hugging Face folder (`opsa toy pretrain`).
 
 pub mod demo;
+pub mod findings;
 pub mod world;
 
 use std::path::{Path, PathBuf};
@@ -163,6 +164,11 @@ pub struct PretrainOptions {
     pub corpus_size: usize,
     pub batch_size: usize,
     pub lr: f64,
+    /// Whose corpus: the demo's student, or the external safety-aligned teacher.
+    pub persona: world::Persona,
+    /// Reuse this model folder's tokenizer instead of training one (a teacher that shares the
+    /// student's vocabulary, as logit distillation needs).
+    pub tokenizer_from: Option<PathBuf>,
     pub overwrite: bool,
 }
 
@@ -176,6 +182,8 @@ impl Default for PretrainOptions {
             corpus_size: 40_000,
             batch_size: 32,
             lr: 3e-3,
+            persona: world::Persona::Student,
+            tokenizer_from: None,
             overwrite: false,
         }
     }
@@ -243,7 +251,15 @@ pub fn pretrain<B: AutodiffBackend>(o: &PretrainOptions, control: &RunControl, d
     }
     // The work folder resumes only the same pretraining; other settings are refused (or, with
     // --overwrite, start over).
-    let inputs = json!({ "seed": o.seed, "steps": o.steps, "corpus_size": o.corpus_size, "batch_size": o.batch_size, "lr": o.lr });
+    let tokenizer_file = o.tokenizer_from.as_ref().map(|d| d.join("tokenizer.json"));
+    let tokenizer_identity = match &tokenizer_file {
+        Some(f) => opsa_eval::resume::file_identity(f).map_err(opsa_eval::suite::EvalError::from)?,
+        None => serde_json::Value::Null,
+    };
+    let inputs = json!({
+        "seed": o.seed, "steps": o.steps, "corpus_size": o.corpus_size, "batch_size": o.batch_size, "lr": o.lr,
+        "persona": o.persona.name(), "tokenizer": tokenizer_identity,
+    });
     let owned = ["corpus.jsonl", "files", "init", "run", "pretrain.toml"];
     opsa_eval::resume::claim(&o.work, inputs, &owned, o.overwrite).map_err(opsa_eval::suite::EvalError::from)?;
     let init = o.work.join("init");
@@ -251,11 +267,14 @@ pub fn pretrain<B: AutodiffBackend>(o: &PretrainOptions, control: &RunControl, d
     let resume = !crate::checkpoint::list_checkpoints(&run).is_empty();
     if !resume {
         // 1. The corpus (as SFT examples) and 2. the tokenizer and model files.
-        let corpus = world::corpus(o.seed, o.corpus_size);
+        let corpus = world::corpus(o.seed, o.corpus_size, o.persona);
         let path = o.work.join("corpus.jsonl");
         let text: String = corpus.iter().map(|(u, a)| serde_json::to_string(&json!({"prompt": u, "response": a})).expect("json") + "\n").collect();
         std::fs::write(&path, text).map_err(|e| io(&path, e))?;
-        let tok = train_tokenizer(&corpus, 768)?;
+        let tok = match &tokenizer_file {
+            Some(f) => Tokenizer::from_file(f).map_err(|e| tok_err(format!("{}: {e}", f.display())))?,
+            None => train_tokenizer(&corpus, 768)?,
+        };
         let files = o.work.join("files");
         write_model_files(&tok, &files)?;
         // 3. Random initial weights.
