@@ -105,10 +105,10 @@ pub fn analyze_kl<B: Backend>(
             e.1 += 1;
         }
     }
-    let total = (profile.iter().map(|p| p.0).sum::<f64>(), profile.iter().map(|p| p.1).sum::<usize>());
+    let total = span(&profile, 0, usize::MAX);
     let mean_by_pos: Vec<f64> = profile.iter().map(|(s, n)| s / *n as f64).collect();
     let bucket = |a: usize, b: usize| {
-        let (s, n) = profile.iter().skip(a).take(b.saturating_sub(a)).fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m));
+        let (s, n) = span(&profile, a, b);
         (n > 0).then(|| s / n as f64)
     };
     let (share, tokens_share) = head_share(&profile, 10).unzip();
@@ -168,11 +168,16 @@ pub fn position_profile(rows: &[&[f32]]) -> Vec<(f64, usize)> {
     by_pos
 }
 
+/// Positions `a..b` of a profile: (sum of the divergence, number of tokens).
+fn span(profile: &[(f64, usize)], a: usize, b: usize) -> (f64, usize) {
+    profile.iter().skip(a).take(b.saturating_sub(a)).fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m))
+}
+
 /// The first `k` positions' share of the total divergence, and their share of the tokens (what
 /// a flat profile would give); `None` without tokens or without any divergence.
 pub fn head_share(profile: &[(f64, usize)], k: usize) -> Option<(f64, f64)> {
-    let (sum, n) = profile.iter().fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m));
-    let (head, head_n) = profile.iter().take(k).fold((0.0, 0), |(s, n), (x, m)| (s + x, n + m));
+    let (sum, n) = span(profile, 0, usize::MAX);
+    let (head, head_n) = span(profile, 0, k);
     (n > 0 && sum > 0.0).then(|| (head / sum, head_n as f64 / n as f64))
 }
 

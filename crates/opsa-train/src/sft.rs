@@ -100,27 +100,34 @@ pub fn train_external_kd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, co
     let teacher = match &cfg.kd.teacher {
         None => None,
         Some(dir) => {
-            let (t_vocab, _) = read_model_config(dir)?;
-            let t_tok = HfTokenizer::from_dir(dir)?;
-            if t_vocab != vocab || t_tok.vocab_size() != tok.vocab_size() {
-                return Err(TrainError::Config(format!(
-                    "kd.teacher {}: vocabulary (vocab_size {t_vocab}, {} tokenizer tokens) differs from the student's (vocab_size {vocab}, {} tokens) in {}; logit distillation needs one vocabulary",
-                    dir.display(),
-                    t_tok.vocab_size(),
-                    tok.vocab_size(),
-                    cfg.model.path.display()
-                )));
-            }
-            let probe = "Hello, world! 12345 <think>";
-            if t_tok.encode(probe, false)? != tok.encode(probe, false)? {
-                return Err(TrainError::Config(format!("kd.teacher {}: its tokenizer splits text differently from the student's", dir.display())));
-            }
+            check_teacher_vocabulary(&cfg.model.path, dir)?;
             let (t, _) = load_model::<B::InnerBackend>(dir, &LoadOptions { dtype: cfg.dtype() }, device)?;
             Some((t, cfg.divergence.divergence()?))
         }
     };
     let examples = examples_for(cfg, &tok, max_pos)?;
     train_on_examples::<B>(cfg, resume, control, device, examples, teacher)
+}
+
+/// Logit distillation needs one vocabulary: the teacher folder's `vocab_size` and tokenizer must
+/// be the student's (same size, same split of a probe text), checked without loading weights.
+pub fn check_teacher_vocabulary(student: &Path, teacher: &Path) -> Result<(), TrainError> {
+    let (tok, t_tok) = (HfTokenizer::from_dir(student)?, HfTokenizer::from_dir(teacher)?);
+    let ((vocab, _), (t_vocab, _)) = (read_model_config(student)?, read_model_config(teacher)?);
+    if t_vocab != vocab || t_tok.vocab_size() != tok.vocab_size() {
+        return Err(TrainError::Config(format!(
+            "kd.teacher {}: vocabulary (vocab_size {t_vocab}, {} tokenizer tokens) differs from the student's (vocab_size {vocab}, {} tokens) in {}; logit distillation needs one vocabulary",
+            teacher.display(),
+            t_tok.vocab_size(),
+            tok.vocab_size(),
+            student.display()
+        )));
+    }
+    let probe = "Hello, world! 12345 <think>";
+    if t_tok.encode(probe, false)? != tok.encode(probe, false)? {
+        return Err(TrainError::Config(format!("kd.teacher {}: its tokenizer splits text differently from the student's", teacher.display())));
+    }
+    Ok(())
 }
 
 /// `(vocab_size, max_position_embeddings)` from a folder's config.json, without loading weights.
@@ -141,6 +148,15 @@ pub struct OffpolicySample {
     pub finished: bool,
     pub kept: bool,
     pub reason: String,
+}
+
+/// Read `RUN/offpolicy/samples.jsonl` back (a resumed run, the demo's findings).
+pub fn read_offpolicy_samples(path: &Path) -> Result<Vec<OffpolicySample>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| TrainError::Io(format!("{}: line {}: {e}", path.display(), i + 1))))
+        .collect()
 }
 
 /// What `offpolicy/summary.json` holds.
@@ -201,10 +217,7 @@ pub fn train_offpolicy_sd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, c
     let dir = cfg.train.out_dir.join("offpolicy");
     let samples_path = dir.join("samples.jsonl");
     let samples: Vec<OffpolicySample> = if samples_path.exists() {
-        let text = std::fs::read_to_string(&samples_path).map_err(|e| TrainError::Io(format!("{}: {e}", samples_path.display())))?;
-        text.lines()
-            .map(|l| serde_json::from_str(l).map_err(|e| TrainError::Io(format!("{}: {e}", samples_path.display()))))
-            .collect::<Result<_, _>>()?
+        read_offpolicy_samples(&samples_path)?
     } else {
         let mut judge = opsa_eval::judge::from_spec::<B::InnerBackend>(&cfg.offpolicy.judge, cfg.offpolicy.judge_template.as_deref(), device)?;
         let (frozen, _) = load_model::<B::InnerBackend>(&cfg.model.path, &LoadOptions { dtype: cfg.dtype() }, device)?;

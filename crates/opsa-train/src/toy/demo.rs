@@ -348,18 +348,10 @@ fn teacher_traces<B: Backend>(o: &DemoOptions, seed: u64, out: &Path, overwrite:
     let target = out.join("world/teacher-traces.jsonl");
     let cached = dir.join("traces.jsonl");
     if !cached.exists() {
+        // The KD arm's own check, before spending time on the traces.
+        crate::sft::check_teacher_vocabulary(&o.model, &o.teacher)?;
         let (teacher, _) = load_model::<B>(&o.teacher, &LoadOptions::default(), device)?;
         let tok = HfTokenizer::from_dir(&o.teacher)?;
-        let student_tok = HfTokenizer::from_dir(&o.model)?;
-        if tok.vocab_size() != student_tok.vocab_size() {
-            return Err(TrainError::Config(format!(
-                "{}: the teacher's tokenizer ({} tokens) is not the student's ({} tokens in {})",
-                o.teacher.display(),
-                tok.vocab_size(),
-                student_tok.vocab_size(),
-                o.model.display()
-            )));
-        }
         let vars = serde_json::Map::new();
         let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode_chat(&[ChatMessage::user(p)], &vars)).collect::<Result<_, _>>()?;
         let index: Vec<u64> = (0..ids.len() as u64).collect();

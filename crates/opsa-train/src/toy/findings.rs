@@ -139,24 +139,16 @@ pub fn measure<B: Backend>(o: &DemoOptions, seed: u64, out: &Path, overwrite: bo
     let contexts = flip["contexts"].as_array().cloned().unwrap_or_default();
 
     // ---- DGR: the refinement's own summary. ----
-    let dgr = read_json(&out.join("refine/dgr.summary.json"))?;
-    let num = |v: &Value, k: &str| v[k].as_f64().ok_or_else(|| TrainError::Data(format!("{}: no number `{k}`", out.join("refine/dgr.summary.json").display())));
-    let reasons: BTreeMap<String, usize> = serde_json::from_value(dgr["fallback_reasons"].clone()).unwrap_or_default();
+    let p = out.join("refine/dgr.summary.json");
+    let dgr: crate::refine::RefineSummary = serde_json::from_value(read_json(&p)?).map_err(|e| io(&p, e))?;
 
     // ---- The distribution gap of every arm trained on fixed data, under the base model. ----
     let (model, _) = load_model::<B>(&o.model, &LoadOptions::default(), device)?;
     let tok = HfTokenizer::from_dir(&o.model)?;
     let offpolicy: Vec<Example> = {
-        let p = out.join("train/offpolicy-sd/offpolicy/samples.jsonl");
-        let text = std::fs::read_to_string(&p).map_err(|e| io(&p, e))?;
-        let mut v = vec![];
-        for (i, line) in text.lines().enumerate() {
-            let s: crate::sft::OffpolicySample = serde_json::from_str(line).map_err(|e| io(&p, format!("line {}: {e}", i + 1)))?;
-            if s.kept {
-                v.push(Example { prompt: s.prompt, response: s.response, system: None, label: Some(s.label), line: i + 1 });
-            }
-        }
-        v
+        let samples = crate::sft::read_offpolicy_samples(&out.join("train/offpolicy-sd/offpolicy/samples.jsonl"))?;
+        let kept = samples.into_iter().enumerate().filter(|(_, s)| s.kept);
+        kept.map(|(i, s)| Example { prompt: s.prompt, response: s.response, system: None, label: Some(s.label), line: i + 1 }).collect()
     };
     let data: Vec<(&str, Vec<Example>)> = vec![
         ("sft-external", read_examples(&out.join("world/external-safety.jsonl"))?),
@@ -223,10 +215,10 @@ pub fn measure<B: Backend>(o: &DemoOptions, seed: u64, out: &Path, overwrite: bo
     let f = SeedFindings {
         seed,
         c_star,
-        dgr_fallback_rate: num(&dgr, "fallback_rate")?,
-        dgr_fallback_reasons: reasons,
-        dgr_nll_before: num(&dgr, "nll_before")?,
-        dgr_nll_after: num(&dgr, "nll_after")?,
+        dgr_fallback_rate: dgr.fallback_rate,
+        dgr_fallback_reasons: dgr.fallback_reasons,
+        dgr_nll_before: dgr.nll_before,
+        dgr_nll_after: dgr.nll_after,
         arms,
         gap,
         gap_spearman,

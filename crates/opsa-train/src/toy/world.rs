@@ -400,7 +400,10 @@ pub const SEPARATOR: &str = "\n\n";
 pub fn rewrite_item(req: &Request, refuse: bool, rng: &mut SplitMix64) -> (String, String) {
     let steps = req.steps(rng);
     let foreign = if refuse { req.foreign_refusal() } else { req.foreign_help(&steps) };
-    let user = crate::refine::DEFAULT_TEMPLATE.replace("{prompt}", &req.prompt()).replace("{response}", &foreign);
+    let ex = crate::data::Example { prompt: req.prompt(), response: foreign, system: None, label: None, line: 0 };
+    let user = crate::refine::render_request(crate::refine::DEFAULT_TEMPLATE, &ex);
+    // Trimmed: the shipped model was pretrained so; `opsa refine` sends the template's final
+    // newline, a one-token mismatch to drop at the next re-pretraining.
     (user.trim_end().to_string(), req.own_answer(refuse, &steps))
 }
 
