@@ -8,11 +8,12 @@
 //! Prints one JSON line per (backend, batch); compare with the PyTorch script's lines, run on
 //! the same machine in the same session (these machines are shared and noisy: report ratios).
 //! Environment: OPSA_BENCH_PROMPT (prompt tokens, default 128), OPSA_BENCH_NEW (decode tokens,
-//! default 64), OPSA_BENCH_BATCHES (default "1,8").
+//! default 64), OPSA_BENCH_BATCHES (default "1,8"), OPSA_BENCH_BACKENDS (e.g. `flex`;
+//! default every compiled one).
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{config, env_usize};
+use common::{config, env_usize, want};
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
@@ -72,11 +73,19 @@ fn bench<B: Backend>(name: &str, device: &B::Device) {
 
 fn main() {
     #[cfg(feature = "ndarray")]
-    bench::<burn::backend::NdArray>("ndarray", &Default::default());
+    if want("ndarray") {
+        bench::<burn::backend::NdArray>("ndarray", &Default::default());
+    }
     #[cfg(feature = "flex")]
-    bench::<burn::backend::Flex>("flex", &Default::default());
+    if want("flex") {
+        bench::<burn::backend::Flex>("flex", &Default::default());
+    }
     #[cfg(feature = "wgpu")]
-    bench::<burn::backend::Wgpu>("wgpu", &Default::default());
+    if want("wgpu") {
+        bench::<burn::backend::Wgpu>("wgpu", &Default::default());
+    }
     #[cfg(feature = "cuda")]
-    bench::<burn::backend::Cuda>("cuda", &Default::default());
+    if want("cuda") {
+        bench::<burn::backend::Cuda>("cuda", &Default::default());
+    }
 }

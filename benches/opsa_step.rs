@@ -13,7 +13,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{config, env_usize, ids, peak_rss, reset_peak, rss};
+use common::{config, env_usize, ids, peak_rss, reset_peak, rss, want};
 use std::time::Instant;
 
 use burn::backend::Autodiff;
@@ -101,8 +101,6 @@ fn step<B: AutodiffBackend>(name: &str, device: &B::Device) {
 }
 
 fn main() {
-    // OPSA_BENCH_BACKENDS: which compiled backends to run (default: all).
-    let want = |name: &str| std::env::var("OPSA_BENCH_BACKENDS").map_or(true, |v| v.split(',').any(|b| b.trim() == name));
     #[cfg(feature = "ndarray")]
     if want("ndarray") {
         step::<Autodiff<burn::backend::NdArray>>("ndarray", &Default::default());

@@ -59,3 +59,8 @@ pub fn peak_rss() -> u64 {
 pub fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
+
+/// OPSA_BENCH_BACKENDS: whether to run the compiled backend `name` (default: every compiled one).
+pub fn want(name: &str) -> bool {
+    std::env::var("OPSA_BENCH_BACKENDS").map_or(true, |v| v.split(',').any(|b| b.trim() == name))
+}

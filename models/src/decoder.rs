@@ -224,13 +224,17 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-/// Rotary tables for one call: `cos`, `sin` of shape `[b, t, 1, head_dim]`, in the model dtype
-/// (applied to `[b, t, heads, head_dim]`, before the heads move forward, so the element-wise
-/// products run on contiguous tensors).
+/// Rotary tables for one call, in the model dtype, laid out like the tensors they multiply:
+/// `[b, t, heads, head_dim]` for the queries and `[b, t, kv_heads, head_dim]` for the keys.
+/// They are applied before the heads move forward, and every product is between two
+/// contiguous tensors of one shape: a `[b, t, 1, head_dim]` table broadcast over the heads
+/// sends CPU backends to a scalar strided loop (flex: 4 % of a batched prefill).
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
-    pub cos: Tensor<B, 4>,
-    pub sin: Tensor<B, 4>,
+    pub cos_q: Tensor<B, 4>,
+    pub sin_q: Tensor<B, 4>,
+    pub cos_k: Tensor<B, 4>,
+    pub sin_k: Tensor<B, 4>,
 }
 
 impl<B: Backend> Rope<B> {
@@ -240,30 +244,45 @@ impl<B: Backend> Rope<B> {
     pub fn new(positions: &[usize], b: usize, t: usize, c: &DecoderConfig, dtype: DType, device: &B::Device) -> Self {
         let head_dim = c.head_dim;
         let inv = c.rope_scaling.inv_freq(c.rope_theta, head_dim);
+        // One row of head_dim per position; the reference concatenates the angles: [a, a].
         let mut cos = Vec::with_capacity(b * t * head_dim);
         let mut sin = Vec::with_capacity(b * t * head_dim);
         for &p in positions {
             let angles: Vec<f32> = inv.iter().map(|&f| p as f32 * f).collect();
-            // The reference concatenates the angles with themselves: [a, a].
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos()));
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        let mk = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [b, t, 1, head_dim]), (device, dtype));
-        Rope { cos: mk(cos), sin: mk(sin) }
+        // Each position's row repeated once per head: [b, t, heads, head_dim].
+        let table = |rows: &[f32], heads: usize| {
+            let v: Vec<f32> = rows.chunks(head_dim).flat_map(|r| std::iter::repeat_n(r, heads).flatten().copied()).collect();
+            Tensor::<B, 4>::from_data(TensorData::new(v, [b, t, heads, head_dim]), (device, dtype))
+        };
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        Rope { cos_q: table(&cos, nh), sin_q: table(&sin, nh), cos_k: table(&cos, nkv), sin_k: table(&sin, nkv) }
     }
 
     /// `x * cos + rotate_half(x) * sin`, with `rotate_half([x1, x2]) = [-x2, x1]`.
     ///
     /// # Shapes
-    /// - x: `[b, t, heads, head_dim]`
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// - x, cos, sin: `[b, t, heads, head_dim]`
+    fn rotate(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
         let d = x.dims()[3];
         let x1 = x.clone().narrow(3, 0, d / 2);
         let x2 = x.clone().narrow(3, d / 2, d / 2);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        x * cos.clone() + rotated * sin.clone()
+    }
+
+    /// The queries rotated. x: `[b, t, heads, head_dim]`
+    pub fn apply_q(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        Self::rotate(x, &self.cos_q, &self.sin_q)
+    }
+
+    /// The keys rotated. x: `[b, t, kv_heads, head_dim]`
+    pub fn apply_k(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        Self::rotate(x, &self.cos_k, &self.sin_k)
     }
 }
 
@@ -330,7 +349,7 @@ pub struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - x: `[b, t, hidden]`
-    /// - mask: `[b, 1, t * (past + t)]` in f32, 0 where attention is allowed, [`MASK_VALUE`] where not
+    /// - mask: `[b, 1 or heads, t * (past + t)]` in f32, 0 where attention is allowed, [`MASK_VALUE`] where not
     /// - returns `[b, t, hidden]`
     pub fn forward(
         &self,
@@ -359,8 +378,8 @@ impl<B: Backend> Attention<B> {
         };
 
         // 3. Rotary embedding, then heads first: [b, heads, t, d].
-        let q = rope.apply(q).swap_dims(1, 2);
-        let k = rope.apply(k).swap_dims(1, 2);
+        let q = rope.apply_q(q).swap_dims(1, 2);
+        let k = rope.apply_k(k).swap_dims(1, 2);
         let v = v.swap_dims(1, 2);
 
         // 4. KV cache: write the new positions in place, attend over everything written so far.
@@ -436,6 +455,19 @@ pub struct CausalLm<B: Backend> {
     pub compute_dtype: DType,
 }
 
+/// Logits of a tied head in f32, from the embedding's transposed view (in any dtype; it is
+/// cast to the dtype of `hidden`). A 2-D product on the view: backends pass its strides to the
+/// matrix product, where a 3-D reshape of the view would copy the whole embedding.
+///
+/// # Shapes
+/// - hidden: `[b, t, hidden]`, emb_t: `[hidden, vocab]` → `[b, t, vocab]`
+pub fn tied_logits<B: Backend>(hidden: Tensor<B, 3>, emb_t: Tensor<B, 2>) -> Tensor<B, 3> {
+    let [b, t, h] = hidden.dims();
+    let emb_t = to_dtype(emb_t, hidden.dtype());
+    let vocab = emb_t.dims()[1];
+    hidden.reshape([b * t, h]).matmul(emb_t).reshape([b, t, vocab]).cast(FloatDType::F32)
+}
+
 /// Where each token sits: its rotary position and which keys it may attend to.
 #[derive(Debug, Clone)]
 pub struct Positions {
@@ -454,6 +486,25 @@ impl Positions {
     pub fn mask_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 3> {
         Tensor::from_data(TensorData::new(self.mask.clone(), [self.batch, 1, self.len * self.keys]), (device, DType::F32))
     }
+
+    /// The mask for a forward over `heads` attention heads: [`Self::mask_tensor`], or, for a
+    /// batch of several rows run without autodiff, the same rows repeated per head
+    /// `[b, heads, len * keys]` when that costs at most [`Self::EXPANDED_MASK_BUDGET`] elements.
+    /// A mask broadcast over the middle (head) dimension sends CPU backends to a scalar
+    /// strided loop (flex: ~3 % of a batch-8 prefill; batch 1 takes their fast path); under
+    /// autodiff and beyond the budget the broadcast mask is kept, so training memory is as
+    /// planned.
+    pub fn mask_for<B: Backend>(&self, heads: usize, device: &B::Device) -> Tensor<B, 3> {
+        let row = self.len * self.keys;
+        if self.batch == 1 || B::ad_enabled(device) || self.batch * heads * row > Self::EXPANDED_MASK_BUDGET {
+            return self.mask_tensor(device);
+        }
+        let v: Vec<f32> = self.mask.chunks(row).flat_map(|r| std::iter::repeat_n(r, heads).flatten().copied()).collect();
+        Tensor::from_data(TensorData::new(v, [self.batch, heads, row]), (device, DType::F32))
+    }
+
+    /// 16M f32 elements (64 MiB).
+    pub const EXPANDED_MASK_BUDGET: usize = 1 << 24;
 
     /// Plain causal attention over `len` tokens at positions `0..len` for every row.
     pub fn causal(batch: usize, len: usize) -> Self {
@@ -568,7 +619,7 @@ impl<B: Backend> CausalLm<B> {
         let dtype = self.dtype();
         let c = &self.config;
         let rope = Rope::new(&pos.positions, b, t, c, dtype, &device);
-        let mask = pos.mask_tensor::<B>(&device);
+        let mask = pos.mask_for::<B>(c.num_attention_heads, &device);
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
         // Move each layer's cache tensors out and back, so they are updated in place.
         let mut taken = cache.as_mut().map(|c| std::mem::take(&mut c.layers).into_iter());
@@ -594,14 +645,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => {
-                // A 2-D product on the transposed view: backends pass its strides to the matrix
-                // product, where a 3-D reshape of the view would copy the whole embedding.
-                let [b, t, h] = hidden.dims();
-                let emb = to_dtype(self.model.embed_tokens.weight.val(), hidden.dtype()); // [vocab, hidden]
-                let vocab = emb.dims()[0];
-                hidden.reshape([b * t, h]).matmul(emb.transpose()).reshape([b, t, vocab])
-            }
+            None => return tied_logits(hidden, self.model.embed_tokens.weight.val().transpose()),
         };
         logits.cast(FloatDType::F32)
     }

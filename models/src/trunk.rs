@@ -59,7 +59,7 @@ impl<B: AutodiffBackend> CausalLm<B> {
         let device = ids.device();
         let c = &self.config;
         let rope = Rope::<B::InnerBackend>::new(&pos.positions, b, t, c, self.dtype(), &device);
-        let mask = pos.mask_tensor::<B::InnerBackend>(&device);
+        let mask = pos.mask_for::<B::InnerBackend>(c.num_attention_heads, &device);
         let mut x = inner.model.embed_tokens.forward(ids.clone().inner(), self.dtype());
         let mut inputs = Vec::with_capacity(inner.model.layers.len());
         for layer in &inner.model.layers {

@@ -42,6 +42,17 @@ impl Targets {
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
+
+    /// Add the targets of one response: position p−1 predicts token p, so response token `i`
+    /// is predicted at `student_at + i − 1` and `teacher_at + i − 1`, where `*_at` is the flat
+    /// index (`row * t + prompt length`) of the response's first token in each stream.
+    pub fn push_response(&mut self, student_at: usize, teacher_at: usize, response: &[u32]) {
+        for (i, &y) in response.iter().enumerate() {
+            self.student_rows.push(student_at + i - 1);
+            self.teacher_rows.push(teacher_at + i - 1);
+            self.tokens.push(y);
+        }
+    }
 }
 
 /// What one micro-batch contributes.
@@ -69,9 +80,59 @@ fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
 /// # Shapes
 /// - hidden: `[n_all, hidden]`, rows: `c` indices → `[c, vocab]` (f32)
 fn head<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 2>, rows: &[usize]) -> Tensor<B, 2> {
-    let h = hidden.select(0, index::<B>(rows, &model.device()));
+    head_with(model, None, hidden, rows)
+}
+
+/// [`head`], with a tied head's weight given as `emb_t` `[hidden, vocab]` (see [`TiedLeaf`]).
+fn head_with<B: Backend>(model: &CausalLm<B>, emb_t: Option<&Tensor<B, 2>>, hidden: Tensor<B, 2>, rows: &[usize]) -> Tensor<B, 2> {
+    let h = hidden.select(0, index::<B>(rows, &model.device())).unsqueeze::<3>();
     let c = rows.len();
-    model.logits(h.unsqueeze::<3>()).reshape([c, model.config.vocab_size])
+    match emb_t {
+        Some(w) => opsa_models::decoder::tied_logits(h, w.clone()),
+        None => model.logits(h),
+    }
+    .reshape([c, model.config.vocab_size])
+}
+
+/// A tied head's weight as a leaf of its own, transposed: `[hidden, vocab]`.
+///
+/// Each chunk back-propagates separately, so the head's gradient is summed over chunks. Taken
+/// through the embedding parameter, every chunk's gradient is the transposed view of a
+/// `[hidden, vocab]` product, and summing such views runs a strided loop on CPU backends
+/// (flex: ~10 % of the training pass). Through this leaf each chunk's gradient is the
+/// contiguous `[hidden, vocab]` product itself; the sum is transposed back once per call.
+struct TiedLeaf<B: AutodiffBackend> {
+    emb_t: Tensor<B, 2>,
+    grad: Option<Tensor<B::InnerBackend, 2>>,
+}
+
+impl<B: AutodiffBackend> TiedLeaf<B> {
+    /// `None` for an untied or a frozen head (no gradient to take).
+    fn new(model: &CausalLm<B>) -> Option<Self> {
+        let w = &model.model.embed_tokens.weight;
+        if model.lm_head.is_some() || !w.val().is_require_grad() {
+            return None;
+        }
+        Some(TiedLeaf { emb_t: Tensor::from_inner(w.val().inner().transpose()).require_grad(), grad: None })
+    }
+
+    fn add(&mut self, grads: &B::Gradients) {
+        if let Some(g) = self.emb_t.grad(grads) {
+            self.grad = Some(match self.grad.take() {
+                Some(sum) => sum + g,
+                None => g,
+            });
+        }
+    }
+
+    /// The summed gradient under the embedding's parameter id, `[vocab, hidden]`.
+    fn into_grads(self, model: &CausalLm<B>) -> GradientsParams {
+        let mut out = GradientsParams::new();
+        if let Some(g) = self.grad {
+            out.register::<B::InnerBackend, 2>(model.model.embed_tokens.weight.id, g.transpose());
+        }
+        out
+    }
 }
 
 /// `[b, t, hidden]` → `[b * t, hidden]`: rows indexed as in [`Targets`].
@@ -100,6 +161,7 @@ pub enum Objective<'a> {
 fn per_token_range<B: AutodiffBackend>(
     obj: &Objective,
     student: &CausalLm<B>,
+    tied: Option<&Tensor<B, 2>>,
     hs: Tensor<B, 2>,
     teacher: Option<(&CausalLm<B::InnerBackend>, Tensor<B::InnerBackend, 2>)>,
     targets: &Targets,
@@ -107,7 +169,7 @@ fn per_token_range<B: AutodiffBackend>(
 ) -> (PerToken<B>, Tensor<B, 2>) {
     let device = student.device();
     let c = range.len();
-    let s_logits = head(student, hs, &targets.student_rows[range.clone()]); // [c, vocab]
+    let s_logits = head_with(student, tied, hs, &targets.student_rows[range.clone()]); // [c, vocab]
     let tokens: Vec<usize> = targets.tokens[range.clone()].iter().map(|&x| x as usize).collect();
     let tokens = index::<B>(&tokens, &device);
     let pt = match obj {
@@ -161,13 +223,14 @@ pub fn backward_objective<B: AutodiffBackend>(
     // 2. A leaf cut at the hidden states: chunks back-propagate into it and into the head only.
     let mut grad_h: Tensor<B::InnerBackend, 2> = Tensor::zeros(hs.dims(), (&device, hs.dtype()));
     let leaf = hs.detach().require_grad();
+    let mut tied = TiedLeaf::new(student);
     let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
     let (mut loss, mut values, mut entropy) = (0.0, Vec::with_capacity(targets.len()), Vec::with_capacity(targets.len()));
     let chunk = chunk.max(1);
     for start in (0..targets.len()).step_by(chunk) {
         let end = (start + chunk).min(targets.len());
         let t = teacher.as_ref().map(|(m, h)| (*m, h.clone()));
-        let (pt, s_logits) = per_token_range(obj, student, leaf.clone(), t, targets, start..end);
+        let (pt, s_logits) = per_token_range(obj, student, tied.as_ref().map(|l| &l.emb_t), leaf.clone(), t, targets, start..end);
         // Student entropy at these positions (metrics only).
         let lq = log_softmax(s_logits.inner(), 1);
         let ent = (lq.clone().exp() * lq).sum_dim(1).neg().reshape([end - start]);
@@ -179,7 +242,13 @@ pub fn backward_objective<B: AutodiffBackend>(
         if let Some(g) = leaf.grad(&grads) {
             grad_h = grad_h + g;
         }
+        if let Some(tied) = tied.as_mut() {
+            tied.add(&grads);
+        }
         acc.accumulate(student, GradientsParams::from_module(&mut grads, student));
+    }
+    if let Some(tied) = tied {
+        acc.accumulate(student, tied.into_grads(student));
     }
     // 3. The trunk: d/dθ Σ h ⊙ sg(∂L/∂h) = (∂L/∂h) · ∂h/∂θ.
     drop(leaf);
@@ -219,6 +288,6 @@ pub fn loss_unchunked<B: AutodiffBackend>(
     step_tokens: usize,
 ) -> Tensor<B, 1> {
     let obj = Objective::Distill(div);
-    let (pt, _) = per_token_range(&obj, student, flat(student_hidden), Some((teacher, flat(teacher_hidden))), targets, 0..targets.len());
+    let (pt, _) = per_token_range(&obj, student, None, flat(student_hidden), Some((teacher, flat(teacher_hidden))), targets, 0..targets.len());
     token_mean(pt.loss, step_tokens)
 }
