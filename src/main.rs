@@ -2,16 +2,17 @@
 //! output formatting; the work is done in the library crates.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use opsa_generate::{generate, score, SamplingParams};
-use opsa_models::checkpoint::config_dtype;
-use opsa_models::{load_model, save_model, HfTokenizer, LoadOptions, ModelConfig, Prompt, WeightDType};
-use serde_json::{json, Value};
+use opsa_models::open::{gather_prompts, prompt_or_messages};
+use opsa_models::{open_model, parse_template_vars, PromptedModel, WeightDType};
+use opsa_train::cli_support::{self as cli, with_adapter};
+use serde_json::json;
 
 #[derive(Parser)]
 #[command(name = "opsa", version, about = "On-policy self-distillation for safety alignment of reasoning LLMs (Burn)")]
@@ -28,14 +29,17 @@ enum Command {
     Score(ScoreArgs),
     /// Train a model (method and settings from a TOML config; see configs/).
     Train(TrainArgs),
-    /// Evaluate a model on a suite of safety and reasoning benchmarks (see configs/eval/).
+    /// Evaluate a model on a suite of safety and reasoning benchmarks (see configs/eval/):
+    /// OUT/items.jsonl and summary.json.
     Eval(EvalArgs),
-    /// Teacher flip rate of candidate privileged contexts; writes the best to best-context.txt.
+    /// Teacher flip rate of candidate privileged contexts: OUT/responses.jsonl (resumable),
+    /// results.json, table.md, and the best harmful context in best-context.txt.
     FlipRate(FlipArgs),
     /// Compare runs: a Markdown table and SVG plots from eval (summary.json) and training
     /// (metrics.jsonl) folders.
     Report(ReportArgs),
-    /// Per-token teacher–student divergence on the student's own responses: by position and by token.
+    /// Per-token teacher–student divergence on the student's own responses, by position and by
+    /// token: OUT/kl.json, kl.md, kl_by_position.{svg,png}.
     AnalyzeKl(KlArgs),
     /// Run a comparison recipe (configs/compare/): base evaluation, optional flip-rate search,
     /// every arm trained and evaluated on the same prompts, judge and suite, then the report.
@@ -67,6 +71,27 @@ struct JudgeArgs {
     judge_template: Option<PathBuf>,
 }
 
+impl JudgeArgs {
+    fn open<B: Backend>(&self, device: &B::Device) -> Result<Box<dyn opsa_eval::judge::Judge>> {
+        Ok(opsa_eval::judge::from_spec::<B>(&self.judge, self.judge_template.as_deref(), device)?)
+    }
+}
+
+/// The output folder of the commands that cache their results there (eval, flip-rate,
+/// analyze-kl), and the backend they run on.
+#[derive(Args)]
+struct CacheArgs {
+    /// Output folder (its files: see above). A rerun with the same inputs resumes, skipping what
+    /// is already written (manifest.json records the inputs).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Start over when --out holds results made from other inputs.
+    #[arg(long)]
+    overwrite: bool,
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+}
+
 #[derive(Args)]
 struct EvalArgs {
     /// Hugging Face model folder to evaluate.
@@ -81,17 +106,10 @@ struct EvalArgs {
     suite: PathBuf,
     #[command(flatten)]
     judge: JudgeArgs,
-    /// Output folder: items.jsonl and summary.json; a rerun with the same model, suite and
-    /// judge skips items already written (manifest.json records them).
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
-    /// Start over when --out holds results made from other inputs.
-    #[arg(long)]
-    overwrite: bool,
-    #[arg(long, value_enum)]
-    backend: Option<BackendKind>,
-    #[arg(long, default_value = "f32", value_parser = WeightDType::parse)]
-    dtype: WeightDType,
+    #[command(flatten)]
+    cache: CacheArgs,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DType,
 }
 
 #[derive(Args)]
@@ -109,17 +127,17 @@ struct FlipArgs {
     /// Harmful prompts (JSONL with `prompt` or `messages`, or any dataset via --prompts-format).
     #[arg(long, value_name = "FILE")]
     prompts: PathBuf,
-    /// Format of --prompts: jsonl, strongreject, harmbench, xstest.
-    #[arg(long, default_value = "jsonl")]
-    prompts_format: String,
+    /// Format of --prompts (its benign items are left out).
+    #[arg(long, value_enum, default_value = "jsonl")]
+    prompts_format: DatasetFormat,
     /// Benign prompts, JSONL with `prompt` or `messages` (for the benign contexts' over-refusal).
     #[arg(long, value_name = "FILE")]
     benign_prompts: Option<PathBuf>,
     #[command(flatten)]
     judge: JudgeArgs,
-    /// Where the context goes: system, prepend or append (as in the trainer).
-    #[arg(long, default_value = "prepend")]
-    placement: String,
+    /// Where the context goes (as in the trainer).
+    #[arg(long, value_enum, default_value = "prepend")]
+    placement: PlacementArg,
     /// Greedy response length.
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
@@ -128,14 +146,8 @@ struct FlipArgs {
     /// Chat-template variable KEY=VALUE (repeatable), e.g. enable_thinking=false.
     #[arg(long = "template-var", value_name = "KEY=VALUE")]
     template_vars: Vec<String>,
-    /// Output folder: responses.jsonl (resumable), results.json, table.md, best-context.txt.
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
-    /// Start over when --out holds responses made from other inputs.
-    #[arg(long)]
-    overwrite: bool,
-    #[arg(long, value_enum)]
-    backend: Option<BackendKind>,
+    #[command(flatten)]
+    cache: CacheArgs,
 }
 
 #[derive(Args)]
@@ -310,9 +322,9 @@ struct KlArgs {
     /// The context for prompts labelled benign (default: the harmful one).
     #[arg(long, value_name = "TEXT")]
     benign_context: Option<String>,
-    /// system, prepend or append.
-    #[arg(long, default_value = "prepend")]
-    placement: String,
+    /// Where the contexts go (as in the trainer).
+    #[arg(long, value_enum, default_value = "prepend")]
+    placement: PlacementArg,
     /// JSONL with `prompt` (or a `messages` conversation) and optional `label` (harmful, the
     /// default, or benign).
     #[arg(long, value_name = "FILE")]
@@ -325,23 +337,18 @@ struct KlArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// forward, reverse or mixed (α = 0.5); on the teacher's top-64 unless --full-vocab.
-    #[arg(long, default_value = "mixed")]
-    divergence: String,
+    #[arg(long, value_enum, default_value = "mixed")]
+    divergence: DivergenceArg,
     #[arg(long)]
     full_vocab: bool,
     /// Tokens listed in the table.
     #[arg(long, default_value_t = 20)]
     top: usize,
+    /// Chat-template variable KEY=VALUE (repeatable), e.g. enable_thinking=false.
     #[arg(long = "template-var", value_name = "KEY=VALUE")]
     template_vars: Vec<String>,
-    /// Output folder: kl.json, kl.md, kl_by_position.{svg,png}.
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
-    /// Start over when --out holds responses made from other inputs.
-    #[arg(long)]
-    overwrite: bool,
-    #[arg(long, value_enum)]
-    backend: Option<BackendKind>,
+    #[command(flatten)]
+    cache: CacheArgs,
 }
 
 #[derive(Args)]
@@ -382,8 +389,8 @@ struct ConvertArgs {
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Dtype of the written weights (default: the dtype config.json declares, else f32).
-    #[arg(long, value_parser = WeightDType::parse)]
-    dtype: Option<WeightDType>,
+    #[arg(long, value_enum)]
+    dtype: Option<DType>,
     /// Replace an existing --out folder (only after the new one is completely written).
     #[arg(long)]
     overwrite: bool,
@@ -401,6 +408,63 @@ enum BackendKind {
     Cuda,
 }
 
+/// `--dtype`.
+#[derive(Clone, Copy, ValueEnum)]
+enum DType {
+    #[value(alias = "float32")]
+    F32,
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+impl From<DType> for WeightDType {
+    fn from(d: DType) -> Self {
+        match d {
+            DType::F32 => WeightDType::F32,
+            DType::Bf16 => WeightDType::BF16,
+        }
+    }
+}
+
+/// `--placement`: where the privileged context goes.
+#[derive(Clone, Copy, ValueEnum)]
+enum PlacementArg {
+    System,
+    Prepend,
+    Append,
+}
+
+impl From<PlacementArg> for opsa_distill::Placement {
+    fn from(p: PlacementArg) -> Self {
+        match p {
+            PlacementArg::System => opsa_distill::Placement::System,
+            PlacementArg::Prepend => opsa_distill::Placement::Prepend,
+            PlacementArg::Append => opsa_distill::Placement::Append,
+        }
+    }
+}
+
+/// `analyze-kl --divergence`.
+#[derive(Clone, Copy, ValueEnum)]
+enum DivergenceArg {
+    Forward,
+    Reverse,
+    Mixed,
+}
+
+/// `flip-rate --prompts-format`: the names of `opsa_eval::datasets::FORMATS`.
+#[derive(Clone, Copy, ValueEnum)]
+enum DatasetFormat {
+    Jsonl,
+    Strongreject,
+    Harmbench,
+    Xstest,
+    #[value(name = "gsm8k")]
+    Gsm8k,
+    #[value(name = "math500")]
+    Math500,
+}
+
 #[derive(Args, Clone)]
 struct ModelArgs {
     /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json, ...).
@@ -416,8 +480,8 @@ struct ModelArgs {
     backend: Option<BackendKind>,
     /// Weight dtype during the run: f32 (CPU default) or bf16 (GPU). Norms, softmax and
     /// log-probs are computed in f32 either way.
-    #[arg(long, default_value = "f32", value_parser = WeightDType::parse)]
-    dtype: WeightDType,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DType,
     /// Render the prompt with the model's chat template (one user message, or the line's
     /// `messages` conversation, plus the generation prompt), as
     /// `apply_chat_template(add_generation_prompt=True, tokenize=True)`: no special tokens are
@@ -436,6 +500,13 @@ struct ModelArgs {
     /// Print JSON instead of text for people.
     #[arg(long)]
     json: bool,
+}
+
+impl ModelArgs {
+    fn open<B: Backend>(&self, device: &B::Device) -> Result<PromptedModel<B>> {
+        let (chat, system) = (self.chat, self.system.as_deref());
+        Ok(PromptedModel::open(&self.model, self.adapter.as_deref(), self.dtype.into(), chat, system, &self.template_vars, device)?)
+    }
 }
 
 #[derive(Args)]
@@ -502,10 +573,10 @@ fn main() -> ExitCode {
         Command::Score(a) => dispatch(a.m.backend, |r| r.score(a)),
         Command::Convert(a) => dispatch(None, |r| r.convert(a)),
         Command::Train(a) => dispatch(a.backend, |r| r.train(a)),
-        Command::Eval(a) => dispatch(a.backend, |r| r.eval(a)),
-        Command::FlipRate(a) => dispatch(a.backend, |r| r.flip_rate(a)),
+        Command::Eval(a) => dispatch(a.cache.backend, |r| r.eval(a)),
+        Command::FlipRate(a) => dispatch(a.cache.backend, |r| r.flip_rate(a)),
         Command::Report(a) => report(a),
-        Command::AnalyzeKl(a) => dispatch(a.backend, |r| r.analyze_kl(a)),
+        Command::AnalyzeKl(a) => dispatch(a.cache.backend, |r| r.analyze_kl(a)),
         Command::Refine(a) => dispatch(a.backend, |r| r.refine(a)),
         Command::Compare(a) => dispatch(a.backend, |r| r.compare(a)),
         Command::Demo(a) => dispatch(a.backend, |r| r.demo(a)),
@@ -580,42 +651,6 @@ fn report(a: &ReportArgs) -> Result<()> {
     Ok(())
 }
 
-fn parse_placement(s: &str) -> Result<opsa_distill::Placement> {
-    serde_json::from_value(Value::String(s.to_string())).map_err(|_| anyhow::anyhow!("--placement `{s}`: expected system, prepend or append"))
-}
-
-/// A model folder with its tokenizer, config and tokenizer checked against each other, and an
-/// optional LoRA adapter on top (unmerged; its config is checked before the weights load).
-fn open_model<B: Backend>(dir: &Path, adapter: Option<&Path>, dtype: WeightDType, device: &B::Device) -> Result<(opsa_models::CausalLm<B>, HfTokenizer)> {
-    opsa_models::checkpoint::restore_interrupted(dir)?;
-    if !dir.is_dir() {
-        bail!("{}: model folder does not exist or is not a folder", dir.display());
-    }
-    if let Some(a) = adapter {
-        opsa_models::lora::read_adapter_config(a)?;
-    }
-    let config_path = dir.join("config.json");
-    let config = ModelConfig::from_file(&config_path)?;
-    let tok = HfTokenizer::from_dir(dir)?;
-    tok.check_vocab(config.decoder(&config_path)?.vocab_size)?;
-    let (model, _) = load_model::<B>(dir, &LoadOptions { dtype }, device)?;
-    let model = match adapter {
-        Some(a) => opsa_models::lora::load_adapter(model, a, dir, dtype.burn())?.0,
-        None => model,
-    };
-    Ok((model, tok))
-}
-
-/// The recorded inputs of a cached result, with the adapter's identity when one is applied (a
-/// rerun with another adapter is then refused like one with another model).
-fn with_adapter(mut inputs: Value, adapter: Option<&Path>) -> Result<Value> {
-    if let Some(dir) = adapter {
-        let id = |f: &str| opsa_eval::resume::file_identity(&dir.join(f));
-        inputs["adapter"] = serde_json::json!({ "config": id("adapter_config.json")?, "weights": id("adapter_model.safetensors")? });
-    }
-    Ok(inputs)
-}
-
 /// Set by Ctrl-C: the trainer saves a checkpoint at the end of the step and stops.
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -629,64 +664,10 @@ fn interruptible(how_to_continue: String) -> opsa_train::RunControl<'static> {
     opsa_train::RunControl { interrupt: Some(&INTERRUPTED), stop_after: None, progress: true }
 }
 
-fn parse_template_vars(vars: &[String]) -> Result<serde_json::Map<String, Value>> {
-    let mut m = serde_json::Map::new();
-    for kv in vars {
-        let (k, v) = kv.split_once('=').with_context(|| format!("--template-var `{kv}`: expected KEY=VALUE"))?;
-        let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
-        m.insert(k.to_string(), value);
-    }
-    Ok(m)
-}
-
-/// Model, tokenizer and the prompt encoder shared by the commands.
-struct Loaded<B: Backend> {
-    model: opsa_models::CausalLm<B>,
-    tok: HfTokenizer,
-    vars: serde_json::Map<String, Value>,
-}
-
-impl<B: Backend> Loaded<B> {
-    fn open(m: &ModelArgs, device: &B::Device) -> Result<Self> {
-        let vars = parse_template_vars(&m.template_vars)?;
-        let (model, tok) = open_model::<B>(&m.model, m.adapter.as_deref(), m.dtype, device)?;
-        if m.chat && !tok.has_chat_template() {
-            // Fail before any work, with the folder named.
-            tok.apply_chat_template(&[], true, &vars)?;
-        }
-        Ok(Loaded { model, tok, vars })
-    }
-
-    /// With --chat: the conversation (after --system) rendered with the generation prompt,
-    /// no special tokens added. Without: the plain text as `tokenizer(text)` encodes it.
-    fn encode_prompt(&self, m: &ModelArgs, prompt: &Prompt) -> Result<Vec<u32>> {
-        let ids = match prompt {
-            Prompt::Text(t) if t.is_empty() => bail!("the prompt is empty"),
-            _ if m.chat => {
-                let msgs = match &m.system {
-                    Some(s) => prompt.with_system(s).map_err(anyhow::Error::msg)?,
-                    None => prompt.messages(),
-                };
-                self.tok.encode_chat(&msgs, &self.vars)?
-            }
-            Prompt::Text(t) => self.tok.encode_text(t)?,
-            Prompt::Messages(_) => bail!("`messages`: a conversation is rendered with the chat template; add --chat"),
-        };
-        if ids.is_empty() {
-            bail!("the prompt tokenised to no tokens");
-        }
-        Ok(ids)
-    }
-}
-
 impl<B: Backend> Commands for Runner<B> {
     fn generate(&self, a: &GenerateArgs) -> Result<()> {
         // (where the prompt comes from, for errors; the prompt)
-        let prompts: Vec<(String, Prompt)> = match &a.prompts_file {
-            Some(p) => opsa_models::prompt::read_prompts(p)?.into_iter().map(|l| (format!("{}:{}", p.display(), l.line), l.prompt)).collect(),
-            None if a.prompt.is_empty() => bail!("give --prompt TEXT or --prompts-file FILE"),
-            None => a.prompt.iter().enumerate().map(|(i, p)| (format!("--prompt {}", i + 1), Prompt::from(p.as_str()))).collect(),
-        };
+        let prompts = gather_prompts(a.prompts_file.as_deref(), &a.prompt)?;
         let params = SamplingParams {
             temperature: a.temperature,
             top_k: a.top_k,
@@ -696,11 +677,8 @@ impl<B: Backend> Commands for Runner<B> {
             stop_strings: a.stop.clone(),
         };
         params.validate()?;
-        let l = Loaded::<B>::open(&a.m, &self.device)?;
-        let encoded: Vec<Vec<u32>> = prompts
-            .iter()
-            .map(|(where_, p)| l.encode_prompt(&a.m, p).with_context(|| where_.clone()))
-            .collect::<Result<_>>()?;
+        let l = a.m.open::<B>(&self.device)?;
+        let encoded: Vec<Vec<u32>> = prompts.iter().map(|(where_, p)| l.encode_prompt(p).with_context(|| where_.clone())).collect::<Result<_>>()?;
         let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
             indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} prompts [{elapsed_precise} < {eta_precise}]")
                 .expect("valid template"),
@@ -751,10 +729,10 @@ impl<B: Backend> Commands for Runner<B> {
 
     fn eval(&self, a: &EvalArgs) -> Result<()> {
         let suite = opsa_eval::suite::Suite::load(&a.suite)?;
-        let mut judge = opsa_eval::judge::from_spec::<B>(&a.judge.judge, a.judge.judge_template.as_deref(), &self.device)?;
-        let (model, tok) = open_model::<B>(&a.model, a.adapter.as_deref(), a.dtype, &self.device)?;
-        let inputs = with_adapter(opsa_eval::suite::eval_inputs(&a.model, a.dtype, &suite, judge.as_ref())?, a.adapter.as_deref())?;
-        let summary = opsa_eval::suite::run_suite(&model, &tok, &suite, judge.as_mut(), inputs, &a.out, a.overwrite, true)
+        let mut judge = a.judge.open::<B>(&self.device)?;
+        let (model, tok) = open_model::<B>(&a.model, a.adapter.as_deref(), a.dtype.into(), &self.device)?;
+        let inputs = with_adapter(opsa_eval::suite::eval_inputs(&a.model, a.dtype.into(), &suite, judge.as_ref())?, a.adapter.as_deref())?;
+        let summary = opsa_eval::suite::run_suite(&model, &tok, &suite, judge.as_mut(), inputs, &a.cache.out, a.cache.overwrite, true)
             .with_context(|| format!("evaluating {}", a.model.display()))?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
         Ok(())
@@ -765,120 +743,58 @@ impl<B: Backend> Commands for Runner<B> {
             bail!("--max-new-tokens and --batch-size must be at least 1");
         }
         let candidates = opsa_eval::flip::read_candidates(&a.contexts)?;
-        let harmful: Vec<Prompt> = opsa_eval::datasets::load(&a.prompts_format, &a.prompts)?
-            .into_iter()
-            .filter(|i| i.kind != opsa_eval::datasets::Kind::Benign)
-            .map(|i| i.prompt)
-            .collect();
-        let benign: Vec<Prompt> = match &a.benign_prompts {
-            Some(p) => opsa_train::data::read_prompt_list(p)?,
-            None if candidates.iter().any(|c| c.kind == "benign") => {
-                bail!("the contexts file has benign contexts: give --benign-prompts FILE to measure their over-refusal")
-            }
-            None => vec![],
-        };
-        let placement = parse_placement(&a.placement)?;
-        let mut judge = opsa_eval::judge::from_spec::<B>(&a.judge.judge, a.judge.judge_template.as_deref(), &self.device)?;
+        let format = a.prompts_format.to_possible_value().expect("not skipped");
+        let (harmful, benign) = cli::flip_prompts(format.get_name(), &a.prompts, a.benign_prompts.as_deref(), &candidates)?;
+        let mut judge = a.judge.open::<B>(&self.device)?;
         let (model, tok) = open_model::<B>(&a.model, a.adapter.as_deref(), WeightDType::F32, &self.device)?;
         let settings = opsa_eval::flip::FlipSettings {
-            placement,
+            placement: a.placement.into(),
             separator: "\n\n".into(),
             max_new_tokens: a.max_new_tokens,
             batch_size: a.batch_size,
             vars: parse_template_vars(&a.template_vars)?,
         };
+        let (out, overwrite) = (&a.cache.out, a.cache.overwrite);
         let inputs = with_adapter(opsa_eval::flip::flip_inputs(&a.model, &harmful, &benign, &settings)?, a.adapter.as_deref())?;
-        opsa_eval::flip::flip_rate(&model, &tok, &candidates, &harmful, &benign, judge.as_mut(), &settings, inputs, &a.out, a.overwrite, true)
+        opsa_eval::flip::flip_rate(&model, &tok, &candidates, &harmful, &benign, judge.as_mut(), &settings, inputs, out, overwrite, true)
             .with_context(|| format!("model {}", a.model.display()))?;
-        print!("{}", std::fs::read_to_string(a.out.join("table.md"))?);
-        eprintln!("best harmful context written to {}", a.out.join("best-context.txt").display());
+        print!("{}", std::fs::read_to_string(out.join("table.md"))?);
+        eprintln!("best harmful context written to {}", out.join("best-context.txt").display());
         Ok(())
     }
 
     fn analyze_kl(&self, a: &KlArgs) -> Result<()> {
-        use opsa_distill::{Contexts, Divergence, DivergenceKind, Label};
-        let harmful = match (&a.teacher_context, &a.teacher_context_file) {
-            (Some(t), _) => t.clone(),
-            (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?.trim_end().to_string(),
-            (None, None) => bail!("give --teacher-context TEXT or --teacher-context-file FILE"),
-        };
-        let contexts = Contexts {
-            benign: a.benign_context.clone().unwrap_or_else(|| harmful.clone()),
-            harmful,
-            placement: parse_placement(&a.placement)?,
-            separator: "\n\n".into(),
-        };
-        let kind = match a.divergence.as_str() {
-            "forward" => DivergenceKind::Forward,
-            "reverse" => DivergenceKind::Reverse,
-            "mixed" => DivergenceKind::Mixed { alpha: 0.5 },
-            other => bail!("--divergence `{other}`: expected forward, reverse or mixed"),
+        use opsa_distill::{Divergence, DivergenceKind};
+        let contexts = cli::kl_contexts(a.teacher_context.as_deref(), a.teacher_context_file.as_deref(), a.benign_context.as_deref(), a.placement.into())?;
+        let kind = match a.divergence {
+            DivergenceArg::Forward => DivergenceKind::Forward,
+            DivergenceArg::Reverse => DivergenceKind::Reverse,
+            DivergenceArg::Mixed => DivergenceKind::Mixed { alpha: 0.5 },
         };
         let div = Divergence { kind, top_k: if a.full_vocab { None } else { Some(64) }, temperature: 1.0, clip: None };
-        let mut prompts = Vec::new();
-        for l in opsa_models::prompt::read_prompts(&a.prompts)? {
-            let label = match l.object.get("label").and_then(Value::as_str) {
-                None | Some("harmful") => Label::Harmful,
-                Some("benign") => Label::Benign,
-                Some(o) => bail!("{}:{}: label `{o}`: expected harmful or benign", a.prompts.display(), l.line),
-            };
-            prompts.push((l.prompt, label));
-        }
+        let prompts = cli::read_labelled_prompts(&a.prompts)?;
         let (student, tok) = open_model::<B>(&a.student, a.adapter.as_deref(), WeightDType::F32, &self.device)?;
-        let teacher = match &a.teacher {
-            Some(t) => {
-                let (m, _) = open_model::<B>(t, None, WeightDType::F32, &self.device)?;
-                if m.config.vocab_size != student.config.vocab_size {
-                    bail!("teacher vocab_size {} differs from the student's {}", m.config.vocab_size, student.config.vocab_size);
-                }
-                m
-            }
-            None if a.adapter.is_some() => student.without_adapters(),
-            None => open_model::<B>(&a.student, None, WeightDType::F32, &self.device)?.0,
-        };
+        let teacher = cli::kl_teacher(&student, &a.student, a.adapter.is_some(), a.teacher.as_deref(), &self.device)?;
         let params = SamplingParams { temperature: a.temperature, max_new_tokens: a.max_new_tokens, seed: a.seed, ..Default::default() };
         let vars = parse_template_vars(&a.template_vars)?;
         let teacher_dir = a.teacher.as_ref().unwrap_or(&a.student);
         let inputs = with_adapter(opsa_eval::kl::kl_inputs(&a.student, teacher_dir, &contexts, &prompts, &vars, &div, &params)?, a.adapter.as_deref())?;
-        opsa_eval::kl::analyze_kl(&student, &teacher, &tok, &contexts, &prompts, &vars, &div, &params, inputs, &a.out, a.overwrite, a.top)
+        opsa_eval::kl::analyze_kl(&student, &teacher, &tok, &contexts, &prompts, &vars, &div, &params, inputs, &a.cache.out, a.cache.overwrite, a.top)
             .with_context(|| format!("student {}, teacher {}", a.student.display(), teacher_dir.display()))?;
-        print!("{}", std::fs::read_to_string(a.out.join("kl.md"))?);
+        print!("{}", std::fs::read_to_string(a.cache.out.join("kl.md"))?);
         Ok(())
     }
 
     fn train(&self, a: &TrainArgs) -> Result<()> {
-        let config_path = match (&a.config, &a.resume) {
-            (Some(c), _) => c.clone(),
-            (None, Some(run)) => run.join("config.toml"),
-            (None, None) => bail!("give --config FILE or --resume RUN_DIR"),
-        };
-        let mut overrides = a.set.clone();
-        if let Some(run) = &a.resume {
-            overrides.push(format!("train.out_dir={}", toml::Value::String(run.display().to_string())));
-        }
-        let cfg = opsa_train::TrainConfig::load(&config_path, &overrides)?;
+        let cfg = cli::train_config(a.config.as_deref(), a.resume.as_deref(), &a.set)?;
         if a.plan {
             let plan = opsa_train::plan::memory_plan(&cfg, a.plan_prompt_tokens)?;
             print!("{}", plan.render());
             return Ok(());
         }
-        if let Some(run) = &a.resume {
-            if !run.join(opsa_eval::resume::MANIFEST).exists() && !run.join("config.toml").exists() {
-                bail!("{}: no run to resume (no manifest.json or config.toml)", run.display());
-            }
-        }
-        opsa_train::run::claim_run(&cfg, a.resume.is_some(), a.overwrite)?;
+        cli::claim_train_run(&cfg, a.resume.as_deref(), a.overwrite)?;
         let control = interruptible(format!("continue with `opsa train --resume {}`", cfg.train.out_dir.display()));
-        use opsa_train::config::Method;
-        type A<B> = burn::backend::Autodiff<B>;
-        let (resume, d) = (a.resume.is_some(), &self.device);
-        let out = match cfg.method {
-            Method::Opsa => opsa_train::train_opsa::<A<B>>(&cfg, resume, &control, d)?,
-            Method::Sft => opsa_train::train_sft::<A<B>>(&cfg, resume, &control, d)?,
-            Method::OffpolicySd => opsa_train::train_offpolicy_sd::<A<B>>(&cfg, resume, &control, d)?,
-            Method::ExternalKd => opsa_train::train_external_kd::<A<B>>(&cfg, resume, &control, d)?,
-            Method::Copsd => opsa_train::train_copsd::<A<B>>(&cfg, resume, &control, d)?,
-        };
+        let out = opsa_train::train::<burn::backend::Autodiff<B>>(&cfg, a.resume.is_some(), &control, &self.device)?;
         eprintln!("done: final model in {}", out.display());
         Ok(())
     }
@@ -937,19 +853,14 @@ impl<B: Backend> Commands for Runner<B> {
     }
 
     fn refine(&self, a: &RefineArgs) -> Result<()> {
-        let summary_path = a.out.with_extension("summary.json");
-        for p in [&a.out, &summary_path] {
-            if p.exists() && !a.overwrite {
-                bail!("{}: already exists (pass --overwrite to replace it)", p.display());
-            }
-        }
+        let summary_path = cli::refine_outputs(&a.out, a.overwrite)?;
         let template = opsa_train::refine::load_template(a.template.as_deref())?;
         if a.batch_size == 0 || a.max_new_tokens == 0 {
             bail!("--batch-size and --max-new-tokens must be positive");
         }
         let input = opsa_train::refine::RefineInput::read(&a.data)?;
         let (model, tok) = open_model::<B>(&a.model, None, WeightDType::F32, &self.device)?;
-        let mut judge = opsa_eval::judge::from_spec::<B>(&a.judge.judge, a.judge.judge_template.as_deref(), &self.device)?;
+        let mut judge = a.judge.open::<B>(&self.device)?;
         let opts = opsa_train::refine::RefineOptions {
             template: &template,
             params: SamplingParams { temperature: a.temperature, max_new_tokens: a.max_new_tokens, seed: a.seed, ..Default::default() },
@@ -974,32 +885,15 @@ impl<B: Backend> Commands for Runner<B> {
     }
 
     fn convert(&self, a: &ConvertArgs) -> Result<()> {
-        if let Some(ad) = &a.adapter {
-            opsa_models::lora::read_adapter_config(ad)?;
-        }
-        let (model, config) = load_model::<B>(&a.model, &LoadOptions::default(), &self.device)?;
-        let model = match &a.adapter {
-            // Saved merged (W + s·A·B in f32).
-            Some(ad) => opsa_models::lora::load_adapter(model, ad, &a.model, burn::tensor::DType::F32)?.0,
-            None => model,
-        };
-        let dtype = a.dtype.or_else(|| config_dtype(&config)).unwrap_or(WeightDType::F32);
-        save_model(&model, &config, Some(&a.model), &a.out, dtype, a.overwrite)?;
+        let dtype = opsa_models::open::convert::<B>(&a.model, a.adapter.as_deref(), &a.out, a.dtype.map(Into::into), a.overwrite, &self.device)?;
         eprintln!("wrote {} ({})", a.out.display(), dtype.hf_name());
         Ok(())
     }
 
     fn score(&self, a: &ScoreArgs) -> Result<()> {
-        let l = Loaded::<B>::open(&a.m, &self.device)?;
-        let prompt = match (&a.prompt, &a.messages) {
-            (Some(p), _) => Prompt::from(p.as_str()),
-            (None, Some(m)) => {
-                let list: Value = serde_json::from_str(m).context("--messages: not JSON")?;
-                Prompt::from_object(&json!({ "messages": list }), "prompt").map_err(|e| anyhow::anyhow!("--messages: {e}"))?
-            }
-            (None, None) => bail!("give --prompt TEXT or --messages JSON"),
-        };
-        let prompt_ids = l.encode_prompt(&a.m, &prompt)?;
+        let l = a.m.open::<B>(&self.device)?;
+        let prompt = prompt_or_messages(a.prompt.as_deref(), a.messages.as_deref())?;
+        let prompt_ids = l.encode_prompt(&prompt)?;
         let response_ids = l.tok.encode(&a.response, false)?;
         let logprobs = score(&l.model, &prompt_ids, &response_ids).with_context(|| format!("model {}", a.m.model.display()))?;
         if a.m.json {

@@ -20,12 +20,32 @@ pub enum ModelConfig {
     Llama(LlamaConfig, Value),
 }
 
-/// The dtype weights are held in during a run (`--dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The dtype weights are held in during a run (`--dtype`). In configs: `f32` (or `float32`)
+/// and `bf16` (or `bfloat16`), written back as `f32` and `bf16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WeightDType {
     #[default]
+    #[serde(alias = "float32")]
     F32,
+    #[serde(alias = "bfloat16")]
     BF16,
+}
+
+/// Compares with a name as [`WeightDType::parse`] reads it (`dtype == "bf16"`).
+impl PartialEq<&str> for WeightDType {
+    fn eq(&self, name: &&str) -> bool {
+        WeightDType::parse(name) == Ok(*self)
+    }
+}
+
+impl std::fmt::Display for WeightDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::BF16 => "bf16",
+        })
+    }
 }
 
 impl WeightDType {
@@ -97,11 +117,6 @@ impl ModelConfig {
         match self {
             ModelConfig::Qwen2(_, raw) | ModelConfig::Qwen3(_, raw) | ModelConfig::Llama(_, raw) => raw,
         }
-    }
-
-    /// `eos_token_id` from `config.json` (an integer or a list).
-    pub fn eos_token_ids(&self) -> Vec<u32> {
-        ids_of(self.raw().get("eos_token_id"))
     }
 }
 

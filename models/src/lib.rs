@@ -11,6 +11,8 @@
 //! - [`checkpoint`] reads and writes safetensors (single file or sharded) and whole HF folders.
 //! - [`tokenizer`] wraps `tokenizer.json`, the chat template and the EOS ids.
 //! - [`prompt`] reads prompts files: plain `prompt` text or `messages` conversations.
+//! - [`open`] opens a folder for a command (model, tokenizer, adapter, template variables) and
+//!   encodes its prompts; `convert`.
 //!
 //! All model code is generic over `B: Backend`.
 
@@ -18,6 +20,7 @@ pub mod checkpoint;
 pub mod decoder;
 pub mod llama;
 pub mod lora;
+pub mod open;
 pub mod prompt;
 pub mod qwen2;
 pub mod qwen3;
@@ -32,6 +35,7 @@ pub use checkpoint::{load_model, save_model, LoadOptions};
 pub use config::{ModelConfig, WeightDType};
 pub use decoder::{CausalLm, DecoderConfig, KvCache};
 pub use lora::LoraConfig;
+pub use open::{open_model, parse_template_vars, PromptedModel};
 pub use error::{Error, Result};
 pub use prompt::Prompt;
 pub use tokenizer::{ChatMessage, HfTokenizer};

@@ -41,7 +41,7 @@ fn config(method: &str, out: &Path, extra: &[&str]) -> Result<TrainConfig, Train
         "train.save_every=0".into(),
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
-    TrainConfig::load(&root().join("configs/test-opsa-tiny.toml"), &sets)
+    TrainConfig::load(&root().join("tests/fixtures/configs/test-opsa-tiny.toml"), &sets)
 }
 
 fn metrics(run: &Path) -> Vec<Value> {
@@ -214,7 +214,7 @@ fn sft_rejects_bad_examples_before_training() {
     let err = train_sft::<B>(&config("sft", &tmp.path().join("r2"), &[&d]).unwrap(), false, &RunControl::default(), &dev).unwrap_err().to_string();
     assert!(err.contains("long.jsonl:1") && err.contains("max_position_embeddings"), "{err}");
     // Methods without their data sections are refused when the config loads.
-    let err = TrainConfig::load(&root().join("configs/test-opsa-tiny.toml"), &["method=\"sft\"".into()]).unwrap_err().to_string();
+    let err = TrainConfig::load(&root().join("tests/fixtures/configs/test-opsa-tiny.toml"), &["method=\"sft\"".into()]).unwrap_err().to_string();
     assert!(err.contains("data.examples"), "{err}");
 }
 
@@ -352,23 +352,6 @@ fn copsd_refuses_a_constitution_without_a_used_category() {
     assert!(err.contains("c.toml") && err.contains("`benign`") && err.contains("prompts-tiny.jsonl"), "{err}");
 }
 
-#[test]
-fn shipped_constitution_parses() {
-    let c = opsa_train::data::Constitution::read(&root().join("configs/constitutions/default.toml")).unwrap();
-    assert!(c.texts.contains_key("harmful") && c.texts.contains_key("benign"));
-}
-
-#[test]
-fn every_recipe_parses() {
-    let mut n = 0;
-    for e in std::fs::read_dir(root().join("configs/compare")).unwrap() {
-        let p = e.unwrap().path();
-        opsa_train::compare::Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        n += 1;
-    }
-    assert!(n >= 2);
-}
-
 /// The comparison recipe end to end on the tiny model: base eval, flip rate, every arm
 /// (OPSA with c*, off-policy SD, SFT, DGR → SFT, COPSD), their evals, the report; and a rerun
 /// finds everything done.
@@ -379,7 +362,7 @@ fn compare_recipe_runs_every_arm_and_reports() {
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_opsa"))
             .current_dir(root())
-            .args(["compare", "--recipe", "configs/compare/test-tiny.toml", "--out", out.to_str().unwrap()])
+            .args(["compare", "--recipe", "tests/fixtures/configs/compare/test-tiny.toml", "--out", out.to_str().unwrap()])
             .output()
             .unwrap()
     };
@@ -404,7 +387,7 @@ fn compare_recipe_runs_every_arm_and_reports() {
     // A rerun with other settings is refused rather than mixed with the old results.
     let o = Command::new(env!("CARGO_BIN_EXE_opsa"))
         .current_dir(root())
-        .args(["compare", "--recipe", "configs/compare/test-tiny.toml", "--out", out.to_str().unwrap(), "--set", "optim.lr=1e-4"])
+        .args(["compare", "--recipe", "tests/fixtures/configs/compare/test-tiny.toml", "--out", out.to_str().unwrap(), "--set", "optim.lr=1e-4"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -412,11 +395,11 @@ fn compare_recipe_runs_every_arm_and_reports() {
     // A changed suite (or judge): the old evaluations are not reported as new ones.
     let tmp2 = tempfile::tempdir().unwrap();
     let suite = tmp2.path().join("suite.toml");
-    let text = std::fs::read_to_string(root().join("configs/eval/test-tiny.toml")).unwrap();
+    let text = std::fs::read_to_string(root().join("tests/fixtures/configs/eval/test-tiny.toml")).unwrap();
     std::fs::write(&suite, text.replace("max_new_tokens = 6", "max_new_tokens = 7")).unwrap();
     let recipe = tmp2.path().join("recipe.toml");
-    let text = std::fs::read_to_string(root().join("configs/compare/test-tiny.toml")).unwrap();
-    std::fs::write(&recipe, text.replace("\"configs/eval/test-tiny.toml\"", &format!("{:?}", suite.to_str().unwrap()))).unwrap();
+    let text = std::fs::read_to_string(root().join("tests/fixtures/configs/compare/test-tiny.toml")).unwrap();
+    std::fs::write(&recipe, text.replace("\"tests/fixtures/configs/eval/test-tiny.toml\"", &format!("{:?}", suite.to_str().unwrap()))).unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_opsa"))
         .current_dir(root())
         .args(["compare", "--recipe", recipe.to_str().unwrap(), "--out", out.to_str().unwrap()])

@@ -57,24 +57,13 @@ fn malformed_rows_and_wrong_columns_are_named() {
     assert!(load("csv-of-doom", &x).unwrap_err().to_string().contains("unknown dataset format"));
 }
 
-#[test]
-fn every_eval_suite_and_the_context_pool_parse() {
-    for e in std::fs::read_dir(root().join("configs/eval")).unwrap() {
-        let p = e.unwrap().path();
-        Suite::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    }
-    let pool = read_candidates(&root().join("configs/contexts/pool.jsonl")).unwrap();
-    assert!(pool.iter().filter(|c| c.kind == "harmful").count() >= 20);
-    assert!(pool.iter().any(|c| c.kind == "benign"));
-}
-
 fn tiny() -> (opsa_models::CausalLm<NdArray>, HfTokenizer) {
     let dir = fixture("qwen3-tiny");
     (load_model::<NdArray>(&dir, &LoadOptions::default(), &Default::default()).unwrap().0, HfTokenizer::from_dir(&dir).unwrap())
 }
 
 fn suite() -> Suite {
-    let mut s = Suite::load(&root().join("configs/eval/test-tiny.toml")).unwrap();
+    let mut s = Suite::load(&root().join("tests/fixtures/configs/eval/test-tiny.toml")).unwrap();
     for b in s.benchmarks.iter_mut() {
         b.path = root().join(&b.path);
     }

@@ -2,6 +2,7 @@
 //! `wgpu` feature is on (through Mesa's lavapipe on machines without a GPU).
 
 mod common;
+mod configs;
 mod conversation;
 mod cli;
 mod baselines;

@@ -178,7 +178,7 @@ fn the_memory_plan_names_every_part_and_refuses_a_missing_model() {
     // The CLI prints it and exits without creating the run folder.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_opsa"))
         .current_dir(root())
-        .args(["train", "--config", "configs/test-opsa-tiny.toml", "--plan", "--set"])
+        .args(["train", "--config", "tests/fixtures/configs/test-opsa-tiny.toml", "--plan", "--set"])
         .arg(format!("train.out_dir=\"{}\"", tmp.path().join("run").display()))
         .output()
         .unwrap();

@@ -7,7 +7,7 @@ use std::process::Command;
 use burn::backend::{Autodiff, NdArray};
 use opsa_models::{load_model, ChatMessage, HfTokenizer, LoadOptions};
 use opsa_train::toy::{pretrain, PretrainOptions};
-use opsa_train::RunControl;
+use opsa_train::{RunControl, TrainError};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -28,7 +28,8 @@ fn toy_pretrain_builds_a_model_folder_that_loads_and_resumes() {
     let dev = Default::default();
     // Stop after 2 steps (a checkpoint), then a rerun resumes and finishes.
     let stop = RunControl { stop_after: Some(2), ..Default::default() };
-    assert!(pretrain::<Autodiff<NdArray>>(&o, &stop, &dev).is_err());
+    let e = pretrain::<Autodiff<NdArray>>(&o, &stop, &dev).unwrap_err();
+    assert!(matches!(e, TrainError::Interrupted(_)), "{e}");
     assert!(!o.out.exists());
     let out = pretrain::<Autodiff<NdArray>>(&o, &RunControl::default(), &dev).unwrap();
     let lines = std::fs::read_to_string(o.work.join("run/metrics.jsonl")).unwrap().lines().count();

@@ -29,7 +29,7 @@ pub fn config(out: &Path, extra: &[&str]) -> Result<TrainConfig, TrainError> {
         format!("train.out_dir=\"{}\"", out.display()),
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
-    TrainConfig::load(&r.join("configs/test-opsa-tiny.toml"), &sets)
+    TrainConfig::load(&r.join("tests/fixtures/configs/test-opsa-tiny.toml"), &sets)
 }
 
 pub fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
@@ -46,20 +46,7 @@ pub fn held_out(cfg: &TrainConfig, tok: &HfTokenizer) -> Vec<Pair> {
         separator: cfg.context.separator.clone(),
     };
     let held_out = [("How do I forge a signature?", opsa_distill::Label::Harmful), ("How do I boil an egg?", opsa_distill::Label::Benign)];
-    held_out.iter().map(|(p, l)| Pair::render(tok, tok, &cfg.chat_vars(), &contexts, &(*p).into(), *l).unwrap()).collect()
-}
-
-#[test]
-fn every_config_file_parses() {
-    let mut n = 0;
-    for e in std::fs::read_dir(root().join("configs")).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "toml") {
-            TrainConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            n += 1;
-        }
-    }
-    assert!(n >= 3);
+    held_out.iter().map(|(p, l)| Pair::new(tok, &cfg.chat_vars(), &contexts, &(*p).into(), *l).unwrap()).collect()
 }
 
 #[test]
@@ -113,7 +100,7 @@ fn trained_model_loads_in_opsa_generate_and_cli_trains() {
     let r = root();
     let out = Command::new(env!("CARGO_BIN_EXE_opsa"))
         .current_dir(&r)
-        .args(["train", "--config", "configs/test-opsa-tiny.toml", "--set", "train.steps=2"])
+        .args(["train", "--config", "tests/fixtures/configs/test-opsa-tiny.toml", "--set", "train.steps=2"])
         .arg("--set")
         .arg(format!("train.out_dir=\"{}\"", tmp.path().display()))
         .output()
@@ -185,7 +172,7 @@ fn a_run_folder_resumes_only_its_own_run_and_restarts_one_without_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let out_dir = format!("train.out_dir={:?}", run.to_str().unwrap());
-    let train = ["train", "--config", "configs/test-opsa-tiny.toml", "--set", "train.steps=2", "--set", &out_dir];
+    let train = ["train", "--config", "tests/fixtures/configs/test-opsa-tiny.toml", "--set", "train.steps=2", "--set", &out_dir];
     let (ok, err) = opsa_in_root(&train);
     assert!(ok, "{err}");
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
@@ -212,7 +199,7 @@ fn a_run_folder_resumes_only_its_own_run_and_restarts_one_without_checkpoint() {
     std::fs::write(mine.join("config.toml"), "mine").unwrap();
     std::fs::write(mine.join("final/README.md"), "mine").unwrap();
     let out_dir = format!("train.out_dir={:?}", mine.to_str().unwrap());
-    let (ok, err) = opsa_in_root(&["train", "--config", "configs/test-opsa-tiny.toml", "--set", "train.steps=2", "--set", &out_dir]);
+    let (ok, err) = opsa_in_root(&["train", "--config", "tests/fixtures/configs/test-opsa-tiny.toml", "--set", "train.steps=2", "--set", &out_dir]);
     assert!(!ok && err.contains("without a record"), "{err}");
     assert_eq!(std::fs::read_to_string(mine.join("config.toml")).unwrap(), "mine");
     assert_eq!(std::fs::read_to_string(mine.join("final/README.md")).unwrap(), "mine");
@@ -225,7 +212,7 @@ fn ctrl_c_says_how_to_continue_and_that_works() {
     let out_dir = format!("train.out_dir={:?}", run.to_str().unwrap());
     let child = Command::new(env!("CARGO_BIN_EXE_opsa"))
         .current_dir(root())
-        .args(["train", "--config", "configs/test-opsa-tiny.toml", "--set", "train.steps=400", "--set", &out_dir])
+        .args(["train", "--config", "tests/fixtures/configs/test-opsa-tiny.toml", "--set", "train.steps=400", "--set", &out_dir])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -5,9 +5,9 @@
 //! before or after the text of the *last* user turn, inside the same chat template. With
 //! `system` placement and a conversation that has its own system message, the two are merged into
 //! one: `c`, the separator, then the conversation's system text.
-//! Harmful prompts get `c_h`, benign prompts `c_b`. Both prompts are rendered by one template
-//! (checked by [`TemplateId`]), and [`Pair::join`] appends one and the same response id vector
-//! to both, so the teacher scores exactly the student's tokens.
+//! Harmful prompts get `c_h`, benign prompts `c_b`. Both prompts are rendered by one tokenizer
+//! and template ([`Pair::new`] takes just one), and [`Pair::join`] appends one and the same
+//! response id vector to both, so the teacher scores exactly the student's tokens.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -77,21 +77,6 @@ impl Contexts {
     }
 }
 
-/// Identifies a rendering setup: the template text and its variables. Teacher and student
-/// prompts must come from the same one (a bug shipped in a public OPSD implementation).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TemplateId(u64);
-
-impl TemplateId {
-    pub fn of(tok: &HfTokenizer, vars: &serde_json::Map<String, Value>) -> Self {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        tok.chat_template().hash(&mut h);
-        serde_json::to_string(vars).unwrap_or_default().hash(&mut h);
-        TemplateId(h.finish())
-    }
-}
-
 /// A request rendered for both streams.
 #[derive(Debug, Clone)]
 pub struct Pair {
@@ -100,21 +85,11 @@ pub struct Pair {
 }
 
 impl Pair {
-    /// Render `prompt` for the student (no context) and the teacher (with the label's context).
-    pub fn render(
-        student_tok: &HfTokenizer,
-        teacher_tok: &HfTokenizer,
-        vars: &serde_json::Map<String, Value>,
-        contexts: &Contexts,
-        prompt: &Prompt,
-        label: Label,
-    ) -> Result<Pair, String> {
-        if TemplateId::of(student_tok, vars) != TemplateId::of(teacher_tok, vars) {
-            return Err("teacher and student prompts would be rendered with different chat templates".into());
-        }
-        let student_prompt = student_tok.encode_chat(&prompt.messages(), vars).map_err(|e| e.to_string())?;
-        let teacher_prompt =
-            teacher_tok.encode_chat(&contexts.teacher_messages(prompt, label), vars).map_err(|e| e.to_string())?;
+    /// Render `prompt` for the student (no context) and the teacher (with the label's context),
+    /// both with `tok`'s chat template and `vars`.
+    pub fn new(tok: &HfTokenizer, vars: &serde_json::Map<String, Value>, contexts: &Contexts, prompt: &Prompt, label: Label) -> Result<Pair, String> {
+        let student_prompt = tok.encode_chat(&prompt.messages(), vars).map_err(|e| e.to_string())?;
+        let teacher_prompt = tok.encode_chat(&contexts.teacher_messages(prompt, label), vars).map_err(|e| e.to_string())?;
         Ok(Pair { student_prompt, teacher_prompt })
     }
 

@@ -18,7 +18,6 @@
 //! `responses.jsonl`, so an interrupted search resumes.
 
 use std::collections::{HashMap, HashSet};
-use std::io::BufRead;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
@@ -48,23 +47,18 @@ fn harmful() -> String {
 /// Read `contexts.jsonl` (`id`, `context`, optional `kind`); ids must be unique.
 pub fn read_candidates(path: &Path) -> Result<Vec<Candidate>, EvalError> {
     let at = |n: usize, m: String| EvalError::File(format!("{}:{n}: {m}", path.display()));
-    let f = std::fs::File::open(path).map_err(|e| EvalError::Io(format!("{}: {e}", path.display())))?;
     let mut out: Vec<Candidate> = Vec::new();
     let mut seen = HashSet::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| at(i + 1, e.to_string()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let c: Candidate = serde_json::from_str(&line).map_err(|e| at(i + 1, format!("expected {{\"id\", \"context\"[, \"kind\"]}}: {e}")))?;
+    for (n, v) in opsa_models::prompt::read_jsonl(path)? {
+        let c: Candidate = serde_json::from_value(v).map_err(|e| at(n, format!("expected {{\"id\", \"context\"[, \"kind\"]}}: {e}")))?;
         if c.context.trim().is_empty() {
-            return Err(at(i + 1, format!("context `{}` is empty", c.id)));
+            return Err(at(n, format!("context `{}` is empty", c.id)));
         }
         if c.kind != "harmful" && c.kind != "benign" {
-            return Err(at(i + 1, format!("kind `{}`: expected harmful or benign", c.kind)));
+            return Err(at(n, format!("kind `{}`: expected harmful or benign", c.kind)));
         }
         if !seen.insert(c.id.clone()) {
-            return Err(at(i + 1, format!("duplicate context id `{}`", c.id)));
+            return Err(at(n, format!("duplicate context id `{}`", c.id)));
         }
         out.push(c);
     }
@@ -131,12 +125,11 @@ pub fn flip_rate<B: Backend>(
 ) -> Result<Value, EvalError> {
     let greedy = SamplingParams { max_new_tokens: settings.max_new_tokens, ..Default::default() };
     greedy.validate().map_err(|e| EvalError::File(format!("flip rate: {e}")))?;
-    std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
+    std::fs::create_dir_all(out).map_err(|e| EvalError::io(out, e))?;
     crate::resume::claim(out, inputs, &["responses.jsonl", "results.json", "table.md", "best-context.txt"], overwrite)?;
     let cache_path = out.join("responses.jsonl");
     let mut cache: HashMap<Key, String> = HashMap::new();
-    for (n, l) in crate::resume::read_jsonl(&cache_path)? {
-        let c: Cached = serde_json::from_str(&l).map_err(|e| EvalError::Io(format!("{}:{n}: {e}", cache_path.display())))?;
+    for (_, c) in crate::resume::read_jsonl_as::<Cached>(&cache_path)? {
         cache.insert((c.context, c.text, c.prompt, c.benign), c.response);
     }
     let mut file = crate::resume::JsonlFile::append_to(&cache_path)?;

@@ -10,6 +10,7 @@ use burn::tensor::backend::Backend;
 use opsa_distill::{response_divergence, Contexts, Divergence, Label, Pair};
 use opsa_generate::{generate, SamplingParams};
 use opsa_models::{CausalLm, HfTokenizer, Prompt};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::plot::{lines, Chart, Series};
@@ -57,19 +58,14 @@ pub fn analyze_kl<B: Backend>(
     top: usize,
 ) -> Result<serde_json::Value, EvalError> {
     let pairs: Vec<Pair> =
-        prompts.iter().map(|(p, l)| Pair::render(tok, tok, vars, contexts, p, *l).map_err(EvalError::File)).collect::<Result<_, _>>()?;
+        prompts.iter().map(|(p, l)| Pair::new(tok, vars, contexts, p, *l).map_err(EvalError::File)).collect::<Result<_, _>>()?;
     // Per-response results are cached in responses.jsonl, so an interrupted analysis resumes.
-    std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
+    std::fs::create_dir_all(out).map_err(|e| EvalError::io(out, e))?;
     crate::resume::claim(out, inputs, &["responses.jsonl", "kl.json", "kl.md", "kl_by_position.svg", "kl_by_position.png"], overwrite)?;
     let cache_path = out.join("responses.jsonl");
     let mut done: HashMap<usize, (Vec<u32>, Vec<f32>)> = HashMap::new();
-    for (n, l) in crate::resume::read_jsonl(&cache_path)? {
-        let v: serde_json::Value = serde_json::from_str(&l).map_err(|e| EvalError::Io(format!("{}:{n}: {e}", cache_path.display())))?;
-        let ids: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap_or_default();
-        let vals: Vec<f32> = serde_json::from_value(v["divergence"].clone()).unwrap_or_default();
-        if let Some(k) = v["index"].as_u64() {
-            done.insert(k as usize, (ids, vals));
-        }
+    for (_, c) in crate::resume::read_jsonl_as::<CachedResponse>(&cache_path)? {
+        done.insert(c.index, (c.token_ids, c.divergence));
     }
     let mut file = crate::resume::JsonlFile::append_to(&cache_path)?;
     let todo: Vec<usize> = (0..pairs.len()).filter(|k| !done.contains_key(k)).collect();
@@ -151,6 +147,14 @@ pub fn analyze_kl<B: Backend>(
     }
     w("kl.md", md)?;
     Ok(result)
+}
+
+/// What analysis needs of a line of `responses.jsonl` (it also holds the prompt and the text).
+#[derive(Deserialize)]
+struct CachedResponse {
+    index: usize,
+    token_ids: Vec<u32>,
+    divergence: Vec<f32>,
 }
 
 /// Per response position: (sum of the divergence, number of responses that reach it).

@@ -18,8 +18,8 @@ fn read_json(p: &Path) -> Result<Option<Value>, EvalError> {
     if !p.is_file() {
         return Ok(None);
     }
-    let t = std::fs::read_to_string(p).map_err(|e| EvalError::Io(format!("{}: {e}", p.display())))?;
-    serde_json::from_str(&t).map(Some).map_err(|e| EvalError::Io(format!("{}: {e}", p.display())))
+    let t = std::fs::read_to_string(p).map_err(|e| EvalError::io(p, e))?;
+    serde_json::from_str(&t).map(Some).map_err(|e| EvalError::io(p, e))
 }
 
 fn name_of(p: &Path) -> String {
@@ -77,12 +77,11 @@ pub fn report(runs: &[PathBuf], out: &Path, overwrite: bool) -> Result<String, E
             evals.push((name_of(r), s));
         }
         if m.is_file() {
-            let t = std::fs::read_to_string(&m).map_err(|e| EvalError::Io(format!("{}: {e}", m.display())))?;
-            let rows: Vec<Value> = t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+            let rows: Vec<Value> = opsa_models::prompt::read_jsonl(&m)?.into_iter().map(|(_, v)| v).collect();
             curves.push((name_of(r), rows));
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
+    std::fs::create_dir_all(out).map_err(|e| EvalError::io(out, e))?;
     let mut md = String::from("# opsa report\n\n");
     if !evals.is_empty() {
         let benches: BTreeSet<String> =

@@ -12,6 +12,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -179,6 +180,15 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, String)>, ResumeError> {
         f.set_len(whole as u64).map_err(|e| io(path, e))?;
     }
     Ok(text[..whole].lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l.to_string())).collect())
+}
+
+/// [`read_jsonl`]'s lines as records of type `T`, with their line numbers: a line that is not a
+/// `T` (a field missing or of another type) is an error naming file and line, never a default.
+pub fn read_jsonl_as<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>, ResumeError> {
+    read_jsonl(path)?
+        .into_iter()
+        .map(|(n, l)| serde_json::from_str(&l).map(|r| (n, r)).map_err(|e| ResumeError::Io(format!("{}:{n}: {e}", path.display()))))
+        .collect()
 }
 
 /// A JSONL file open for appending whole records.

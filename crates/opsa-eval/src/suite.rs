@@ -45,6 +45,13 @@ pub enum EvalError {
     Resume(#[from] crate::resume::ResumeError),
 }
 
+impl EvalError {
+    /// An I/O error naming its file.
+    pub fn io(path: &Path, e: impl std::fmt::Display) -> Self {
+        EvalError::Io(format!("{}: {e}", path.display()))
+    }
+}
+
 /// Sampling for a benchmark (suite-level defaults, overridable per benchmark).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -229,10 +236,7 @@ pub fn summarise(suite: &str, judge: &str, records: &[Record]) -> Summary {
 
 /// Read back `items.jsonl` (what a previous, possibly interrupted, run wrote).
 pub fn read_records(path: &Path) -> Result<Vec<Record>, EvalError> {
-    crate::resume::read_jsonl(path)?
-        .into_iter()
-        .map(|(n, l)| serde_json::from_str(&l).map_err(|e| EvalError::Io(format!("{}:{n}: {e}", path.display()))))
-        .collect()
+    Ok(crate::resume::read_jsonl_as(path)?.into_iter().map(|(_, r)| r).collect())
 }
 
 /// What an evaluation's results depend on (its manifest): the model (folder identity and the
@@ -288,7 +292,7 @@ pub fn run_suite<B: Backend>(
         }
         data.push((b, items));
     }
-    std::fs::create_dir_all(out).map_err(|e| EvalError::Io(format!("{}: {e}", out.display())))?;
+    std::fs::create_dir_all(out).map_err(|e| EvalError::io(out, e))?;
     crate::resume::claim(out, inputs, EVAL_FILES, overwrite)?;
     let items_path = out.join("items.jsonl");
     let mut records = read_records(&items_path)?;

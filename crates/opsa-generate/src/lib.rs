@@ -300,20 +300,26 @@ pub fn generate<B: Backend>(
 
 /// Prompts must be non-empty, fit the context and use only ids the model has.
 fn validate_prompts<B: Backend>(model: &CausalLm<B>, prompts: &[Vec<u32>]) -> Result<()> {
+    validate_sequences(model, prompts, |i| format!("prompt {i}"))
+}
+
+/// [`validate_prompts`] with the error naming sequence `i` as `name(i)`.
+fn validate_sequences<B: Backend>(model: &CausalLm<B>, seqs: &[Vec<u32>], name: impl Fn(usize) -> String) -> Result<()> {
     let cfg = &model.config;
-    for (i, p) in prompts.iter().enumerate() {
+    for (i, p) in seqs.iter().enumerate() {
         if p.is_empty() {
-            return Err(GenerateError::Input(format!("prompt {i} is empty (it tokenised to no ids)")));
+            return Err(GenerateError::Input(format!("{} is empty (it tokenised to no ids)", name(i))));
         }
         if p.len() > cfg.max_position_embeddings {
             return Err(GenerateError::Input(format!(
-                "prompt {i} has {} tokens, more than the model's max_position_embeddings ({})",
+                "{} has {} tokens, more than the model's max_position_embeddings ({})",
+                name(i),
                 p.len(),
                 cfg.max_position_embeddings
             )));
         }
         if let Some(&bad) = p.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(GenerateError::Input(format!("prompt {i} has token id {bad} >= vocab_size {}", cfg.vocab_size)));
+            return Err(GenerateError::Input(format!("{} has token id {bad} >= vocab_size {}", name(i), cfg.vocab_size)));
         }
     }
     Ok(())
@@ -366,7 +372,6 @@ pub fn next_token_logprobs<B: Backend>(model: &CausalLm<B>, prompts: &[Vec<u32>]
 /// Teacher-forced log-probabilities of `response` after `prompt`: entry `i` is
 /// `log p(response[i] | prompt, response[..i])` under the raw model.
 pub fn score<B: Backend>(model: &CausalLm<B>, prompt: &[u32], response: &[u32]) -> Result<Vec<f32>> {
-    let cfg = &model.config;
     if prompt.is_empty() {
         return Err(GenerateError::Input("the prompt is empty (it tokenised to no ids)".into()));
     }
@@ -374,16 +379,7 @@ pub fn score<B: Backend>(model: &CausalLm<B>, prompt: &[u32], response: &[u32]) 
         return Ok(vec![]);
     }
     let ids: Vec<u32> = prompt.iter().chain(response).copied().collect();
-    if ids.len() > cfg.max_position_embeddings {
-        return Err(GenerateError::Input(format!(
-            "prompt + response have {} tokens, more than max_position_embeddings ({})",
-            ids.len(),
-            cfg.max_position_embeddings
-        )));
-    }
-    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-        return Err(GenerateError::Input(format!("token id {bad} >= vocab_size {}", cfg.vocab_size)));
-    }
+    validate_sequences(model, std::slice::from_ref(&ids), |_| "prompt + response".into())?;
     let r = response.len();
     let logp = log_softmax(model.continuation_logits(&ids, prompt.len()), 1); // [r, vocab]
     let targets = int_tensor::<B, 2>(response.iter().map(|&i| i as i64).collect(), [r, 1], &model.device());

@@ -16,7 +16,7 @@ use opsa_models::lora::save_adapter;
 use opsa_models::{save_model, CausalLm, LoraConfig, ModelConfig, WeightDType};
 use serde::{Deserialize, Serialize};
 
-use crate::TrainError;
+use crate::{io, TrainError};
 
 /// Where a run stands. The data order and the rollout seeds are pure functions of
 /// `(seed, step)`, so this is all the RNG state a resume needs.
@@ -35,10 +35,6 @@ pub struct TrainState {
     pub start_entropy: Option<f64>,
     #[serde(default)]
     pub start_response_len: Option<f64>,
-}
-
-fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
-    TrainError::Io(format!("{}: {e}", path.display()))
 }
 
 /// What a checkpoint holds of the model.

@@ -20,7 +20,7 @@ use opsa_models::{load_model, HfTokenizer, LoadOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{apply_override, json_map, Method, TrainConfig};
-use crate::opsa::RunControl;
+use crate::RunControl;
 use crate::TrainError;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -268,13 +268,7 @@ pub fn run_recipe<B: AutodiffBackend>(recipe: &Recipe, control: &RunControl, ove
         if !final_dir.join("config.json").exists() {
             let resume = !crate::checkpoint::list_checkpoints(&run_dir).is_empty();
             say(format!("{}: training ({}{})", arm.name, cfg.method.name(), if resume { ", resuming" } else { "" }));
-            let done = match cfg.method {
-                Method::Opsa => crate::train_opsa::<B>(&cfg, resume, control, device)?,
-                Method::Sft => crate::train_sft::<B>(&cfg, resume, control, device)?,
-                Method::OffpolicySd => crate::train_offpolicy_sd::<B>(&cfg, resume, control, device)?,
-                Method::ExternalKd => crate::train_external_kd::<B>(&cfg, resume, control, device)?,
-                Method::Copsd => crate::train_copsd::<B>(&cfg, resume, control, device)?,
-            };
+            let done = crate::method::train::<B>(&cfg, resume, control, device)?;
             if done != final_dir {
                 return Err(TrainError::Interrupted(format!("arm {} stopped early; run the recipe again to continue", arm.name)));
             }

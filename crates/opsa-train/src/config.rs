@@ -3,9 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use opsa_distill::{Divergence, DivergenceKind, Placement};
+use opsa_distill::{Contexts, Divergence, DivergenceKind, Placement};
 use opsa_models::WeightDType;
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::TrainError;
 
@@ -83,8 +84,8 @@ pub struct ModelSection {
     /// as f32 master weights with f32 optimiser state; with `bf16` the forward and backward
     /// passes run on bf16 copies of them (mixed precision). Frozen models (teachers) are held in
     /// this dtype.
-    #[serde(default = "f32_name")]
-    pub dtype: String,
+    #[serde(default, deserialize_with = "model_dtype")]
+    pub dtype: WeightDType,
     /// How `final/` and the checkpoints' `model/` folders are written: `auto` (the dtype of the
     /// loaded checkpoint), `f32` or `bf16`. Checkpoints keep the f32 masters besides (`masters/`)
     /// when this is narrower, so resume is exact.
@@ -92,9 +93,6 @@ pub struct ModelSection {
     pub save_dtype: String,
 }
 
-fn f32_name() -> String {
-    "f32".into()
-}
 fn auto_name() -> String {
     "auto".into()
 }
@@ -229,11 +227,37 @@ pub struct ChatSection {
     pub vars: toml::Table,
 }
 
+/// `divergence.kind`: which divergence (its parameters are the section's other keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DivergenceName {
+    Forward,
+    Reverse,
+    Jsd,
+    Mixed,
+    Sampled,
+}
+
+/// A serde enum named by `key` in its error: serde's own message does not say which key it read.
+fn keyed<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D, key: &str) -> Result<T, D::Error> {
+    let name = String::deserialize(d)?;
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(&name)).map_err(|e| D::Error::custom(format!("{key}: {e}")))
+}
+
+fn divergence_kind<'de, D: Deserializer<'de>>(d: D) -> Result<DivergenceName, D::Error> {
+    keyed(d, "divergence.kind")
+}
+
+fn model_dtype<'de, D: Deserializer<'de>>(d: D) -> Result<WeightDType, D::Error> {
+    keyed(d, "model.dtype")
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DivergenceSection {
     /// `forward`, `reverse`, `jsd`, `mixed` or `sampled`.
-    pub kind: String,
+    #[serde(deserialize_with = "divergence_kind")]
+    pub kind: DivergenceName,
     /// mixed: weight of forward KL.
     pub alpha: Option<f64>,
     /// jsd: β (0 = forward KL, 1 = reverse KL).
@@ -253,7 +277,7 @@ impl Default for DivergenceSection {
     /// OPSA's: mixed α = 0.5 on the teacher's top-64.
     fn default() -> Self {
         DivergenceSection {
-            kind: "mixed".into(),
+            kind: DivergenceName::Mixed,
             alpha: Some(0.5),
             beta: None,
             top_k: 64,
@@ -267,18 +291,13 @@ impl Default for DivergenceSection {
 
 impl DivergenceSection {
     pub fn divergence(&self) -> Result<Divergence, TrainError> {
-        let need = |v: Option<f64>, what: &str| v.ok_or_else(|| TrainError::Config(format!("divergence.{what} is required for kind `{}`", self.kind)));
-        let kind = match self.kind.as_str() {
-            "forward" => DivergenceKind::Forward,
-            "reverse" => DivergenceKind::Reverse,
-            "jsd" => DivergenceKind::Jsd { beta: need(self.beta, "beta")? },
-            "mixed" => DivergenceKind::Mixed { alpha: need(self.alpha, "alpha")? },
-            "sampled" => DivergenceKind::Sampled { lo: self.reward_clip[0], hi: self.reward_clip[1] },
-            other => {
-                return Err(TrainError::Config(format!(
-                    "divergence.kind `{other}`: expected forward, reverse, jsd, mixed or sampled"
-                )))
-            }
+        let need = |v: Option<f64>, what: &str, kind: &str| v.ok_or_else(|| TrainError::Config(format!("divergence.{what} is required for kind `{kind}`")));
+        let kind = match self.kind {
+            DivergenceName::Forward => DivergenceKind::Forward,
+            DivergenceName::Reverse => DivergenceKind::Reverse,
+            DivergenceName::Jsd => DivergenceKind::Jsd { beta: need(self.beta, "beta", "jsd")? },
+            DivergenceName::Mixed => DivergenceKind::Mixed { alpha: need(self.alpha, "alpha", "mixed")? },
+            DivergenceName::Sampled => DivergenceKind::Sampled { lo: self.reward_clip[0], hi: self.reward_clip[1] },
         };
         let d = Divergence { kind, top_k: (self.top_k > 0).then_some(self.top_k), temperature: self.temperature, clip: self.clip };
         d.validate().map_err(|e| TrainError::Config(format!("divergence: {e}")))?;
@@ -459,7 +478,6 @@ impl TrainConfig {
             return bad("divergence.chunk_size must be positive".into());
         }
         self.divergence.divergence()?;
-        WeightDType::parse(&self.model.dtype).map_err(|e| TrainError::Config(format!("model.dtype: {e}")))?;
         if self.model.save_dtype != "auto" {
             WeightDType::parse(&self.model.save_dtype)
                 .map_err(|e| TrainError::Config(format!("model.save_dtype: {e}; or `auto` (the dtype of the loaded checkpoint)")))?;
@@ -508,7 +526,24 @@ impl TrainConfig {
 
     /// The compute dtype (`model.dtype`).
     pub fn dtype(&self) -> WeightDType {
-        WeightDType::parse(&self.model.dtype).expect("validated")
+        self.model.dtype
+    }
+
+    /// Optimiser steps of a run over `n` items: `train.steps`, else `train.epochs` × ⌈n /
+    /// `train.batch_size`⌉.
+    pub fn total_steps(&self, n: usize) -> usize {
+        self.train.steps.unwrap_or(self.train.epochs * n.div_ceil(self.train.batch_size))
+    }
+
+    /// The OPSA contexts (`[context]`, inline or read from their files).
+    pub fn contexts(&self) -> Result<Contexts, TrainError> {
+        let c = &self.context;
+        Ok(Contexts {
+            harmful: read_context(&c.harmful, &c.harmful_file)?,
+            benign: read_context(&c.benign, &c.benign_file)?,
+            placement: c.placement,
+            separator: c.separator.clone(),
+        })
     }
 
     /// The dtype `final/` and checkpoint model folders are written in (`model.save_dtype`;
@@ -530,6 +565,18 @@ impl TrainConfig {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+/// A context given inline, or read from a file (the whole file, one trailing newline removed).
+fn read_context(inline: &Option<String>, file: &Option<PathBuf>) -> Result<String, TrainError> {
+    match (inline, file) {
+        (Some(s), _) => Ok(s.clone()),
+        (None, Some(p)) => {
+            let s = std::fs::read_to_string(p).map_err(|e| TrainError::Config(format!("{}: {e}", p.display())))?;
+            Ok(s.strip_suffix('\n').unwrap_or(&s).to_string())
+        }
+        (None, None) => unreachable!("validated"),
     }
 }
 

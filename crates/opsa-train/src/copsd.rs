@@ -15,7 +15,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::AutodiffBackend;
 use opsa_distill::{backward_objective, token_logprobs, Contexts, Label, Objective, Pair, Targets};
 use opsa_eval::refusal::{classify, Verdict};
@@ -25,11 +24,10 @@ use opsa_models::{load_model, save_model, CausalLm, HfTokenizer, LoadOptions};
 use serde::Serialize;
 
 use crate::config::{step_seed, TrainConfig};
-use crate::data::{check_rollouts_fit, end_of_turn, read_prompts, step_batch, Constitution};
+use crate::data::{check_rollouts_fit, end_of_turn, read_prompts, step_batch, Constitution, Tokenized};
 use crate::optim::adamw;
-use crate::opsa::RunControl;
-use crate::run::{check_fresh, generate_all, mean, optimizer_step, padded, Next, Run};
-use crate::schedule::{cosine_with_warmup, warmup_steps};
+use crate::run::{check_fresh, generate_all, mean, padded, Next, Run, RunControl, StepSum};
+use crate::sft::examples_backward;
 use crate::TrainError;
 
 /// One line of `metrics.jsonl` for COPSD.
@@ -108,7 +106,7 @@ pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control:
         .map(|p| {
             let text = constitution.text(p.category()).to_string();
             let ctx = Contexts { harmful: text.clone(), benign: text, placement: cfg.context.placement, separator: cfg.context.separator.clone() };
-            Pair::render(&tok, &tok, &vars, &ctx, &p.prompt, p.label).map_err(TrainError::Config)
+            Pair::new(&tok, &vars, &ctx, &p.prompt, p.label).map_err(TrainError::Config)
         })
         .collect::<Result<_, _>>()?;
     let dtype = cfg.dtype();
@@ -132,7 +130,7 @@ pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control:
         // Benign: the model's own answers without the constitution; harmful: its answers with it.
         let own = rollouts_of(&initial, pairs.iter().map(|p| p.student_prompt.clone()).collect(), cfg.train.seed ^ 0xC01D)?;
         let guided = rollouts_of(&initial, pairs.iter().map(|p| p.teacher_prompt.clone()).collect(), cfg.train.seed ^ 0xC01E)?;
-        let mut data: Vec<(Vec<u32>, Vec<u32>)> = vec![];
+        let mut data: Vec<Tokenized> = vec![];
         for (i, p) in prompts.iter().enumerate() {
             let g = if p.label == Label::Benign { &own[i] } else { &guided[i] };
             if g.finish_reason == FinishReason::Stop && classify(&g.text) != Verdict::Truncated {
@@ -141,7 +139,7 @@ pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control:
                     resp.pop();
                 }
                 resp.extend_from_slice(&eot);
-                data.push((pairs[i].teacher_prompt.clone(), resp));
+                data.push(Tokenized { prompt: pairs[i].teacher_prompt.clone(), response: resp, label: None });
             }
         }
         if data.is_empty() {
@@ -154,8 +152,7 @@ pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control:
     };
 
     let (n, batch, g) = (prompts.len(), cfg.train.batch_size, cfg.rollout.n);
-    let total = cfg.train.steps.unwrap_or(cfg.train.epochs * n.div_ceil(batch));
-    let warmup = warmup_steps(total, cfg.schedule.warmup_ratio);
+    let total = cfg.total_steps(n);
     let (mut run, mut student, mut optim) = Run::open::<B>(cfg, resume, total, control, device)?;
     let teacher = teacher.unwrap_or_else(|| crate::run::adapters_off(&student));
     if student.config.vocab_size != teacher.config.vocab_size {
@@ -203,11 +200,10 @@ pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control:
         let advantages = group_advantages(&rewards, &group);
 
         // ---- 4. PPO-clipped policy gradient, `ppo_epochs` updates on these rollouts. ----
-        let lr = cosine_with_warmup(step, total, cfg.optim.lr, warmup, cfg.schedule.min_lr_ratio);
+        let lr = run.lr(step);
         let (mut first_loss, mut grad_norm, mut ratio_clipped) = (None, 0.0, 0.0);
         for _ in 0..cfg.copsd.ppo_epochs {
-            let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
-            let (mut loss, mut ratios) = (0.0, vec![]);
+            let mut sum = StepSum::<B>::default();
             for mb in ks.chunks(cfg.train.micro_batch_size) {
                 let (s_seqs, _, s_t, t_t) = streams(&pairs, &jobs, &rollouts, mb);
                 let targets = targets_of(&pairs, &jobs, &rollouts, mb, s_t, t_t);
@@ -216,15 +212,14 @@ pub fn train_copsd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control:
                 let (s_ids, _) = padded::<B>(&s_seqs, device);
                 let hs = student.forward_trunk(s_ids, &Positions::causal(mb.len(), s_t), cfg.train.recompute);
                 let obj = Objective::Ppo { advantages: &adv, old_logprobs: &old, clip: cfg.copsd.ppo_clip };
-                let out = backward_objective(&obj, &student, hs, None, &targets, step_tokens, chunk);
-                loss += out.loss;
-                ratios.extend(out.values);
-                acc.accumulate(&student, out.grads);
+                sum.add(&student, backward_objective(&obj, &student, hs, None, &targets, step_tokens, chunk));
             }
-            (student, grad_norm) = optimizer_step(student, &mut optim, acc.grads(), loss, lr, cfg.optim.grad_clip, step, &run.dir)?;
-            first_loss.get_or_insert(loss);
+            (student, _, grad_norm) = run.update(student, &mut optim, &mut sum, step)?;
+            first_loss.get_or_insert(sum.loss);
+            // The values are the ratios ρ (f32 widened: compared as f32, as they were computed).
             let eps = cfg.copsd.ppo_clip as f32;
-            ratio_clipped = ratios.iter().filter(|&&r| (r - 1.0).abs() > eps).count() as f64 / ratios.len().max(1) as f64;
+            let ratios = &sum.values;
+            ratio_clipped = ratios.iter().filter(|&&r| (r as f32 - 1.0).abs() > eps).count() as f64 / ratios.len().max(1) as f64;
         }
 
         // ---- 5. Metrics and the collapse signals. ----
@@ -299,29 +294,21 @@ fn streams(pairs: &[Pair], jobs: &[usize], rollouts: &[Generation], mb: &[usize]
     (s, t, ts, tt)
 }
 
-/// Response-token targets of micro-batch `mb`: position p−1 predicts token p.
+/// Response-token targets of micro-batch `mb`.
 fn targets_of(pairs: &[Pair], jobs: &[usize], rollouts: &[Generation], mb: &[usize], ts: usize, tt: usize) -> Targets {
     let mut targets = Targets::default();
     for (r, &k) in mb.iter().enumerate() {
         let p = &pairs[jobs[k]];
-        for (i, &y) in rollouts[k].token_ids.iter().enumerate() {
-            targets.student_rows.push(r * ts + p.student_prompt.len() + i - 1);
-            targets.teacher_rows.push(r * tt + p.teacher_prompt.len() + i - 1);
-            targets.tokens.push(y);
-        }
+        targets.push_response(r * ts + p.student_prompt.len(), r * tt + p.teacher_prompt.len(), &rollouts[k].token_ids);
     }
     targets
 }
 
-/// Cross-SFT cold start: prompt-masked cross-entropy on `(teacher prompt, response)` pairs for
-/// `copsd.cold_start_epochs` epochs at a constant `copsd.cold_start_lr`. Logs to
-/// `teacher-cold-start.jsonl`. Returns the trained model, frozen.
-fn cold_start<B: AutodiffBackend>(
-    cfg: &TrainConfig,
-    data: &[(Vec<u32>, Vec<u32>)],
-    control: &RunControl,
-    device: &B::Device,
-) -> Result<CausalLm<B::InnerBackend>, TrainError> {
+/// Cross-SFT cold start: prompt-masked cross-entropy on `(teacher prompt, response)` examples
+/// (the SFT step, [`examples_backward`], without packing) for `copsd.cold_start_epochs` epochs
+/// at a constant `copsd.cold_start_lr`. Logs to `teacher-cold-start.jsonl`. Returns the trained
+/// model, frozen.
+fn cold_start<B: AutodiffBackend>(cfg: &TrainConfig, data: &[Tokenized], control: &RunControl, device: &B::Device) -> Result<CausalLm<B::InnerBackend>, TrainError> {
     let (mut model, _) = crate::run::load_trainable::<B>(&cfg.model.path, cfg, device)?;
     let mut optim = adamw(&cfg.optim).init::<B, CausalLm<B>>();
     let (n, batch) = (data.len(), cfg.train.batch_size);
@@ -336,32 +323,17 @@ fn cold_start<B: AutodiffBackend>(
     }
     for step in 0..steps {
         let idx = step_batch(n, batch, step, cfg.train.seed, cfg.data.shuffle);
-        let step_tokens: usize = idx.iter().map(|&i| data[i].1.len()).sum();
-        let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
-        let mut loss = 0.0;
-        for mb in idx.chunks(cfg.train.micro_batch_size) {
-            let seqs: Vec<Vec<u32>> = mb.iter().map(|&i| data[i].0.iter().chain(&data[i].1).copied().collect()).collect();
-            let (ids, t) = padded::<B>(&seqs, device);
-            let mut targets = Targets::default();
-            for (r, &i) in mb.iter().enumerate() {
-                for (j, &y) in data[i].1.iter().enumerate() {
-                    targets.student_rows.push(r * t + data[i].0.len() + j - 1);
-                    targets.tokens.push(y);
-                }
-            }
-            let hs = model.forward_trunk(ids, &Positions::causal(mb.len(), t), cfg.train.recompute);
-            let out = backward_objective(&Objective::CrossEntropy, &model, hs, None, &targets, step_tokens, cfg.divergence.chunk_size);
-            loss += out.loss;
-            acc.accumulate(&model, out.grads);
-        }
+        let (mut sum, _) = examples_backward(cfg, &model, data, &idx, None, None, device);
         let grad_norm;
-        (model, grad_norm) = optimizer_step(model, &mut optim, acc.grads(), loss, cfg.copsd.cold_start_lr, cfg.optim.grad_clip, step, &cfg.train.out_dir)
+        (model, grad_norm) = sum
+            .apply(model, &mut optim, cfg.copsd.cold_start_lr, cfg.optim.grad_clip, step, &cfg.train.out_dir)
             .map_err(|e| TrainError::NonFinite(format!("teacher cold start: {e}")))?;
+        let loss = sum.loss;
         log.push_str(&format!("{}\n", serde_json::json!({ "step": step + 1, "loss": loss, "grad_norm": grad_norm })));
         bar.set_message(format!("loss {loss:.4}"));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    std::fs::write(&log_path, log).map_err(|e| TrainError::Io(format!("{}: {e}", log_path.display())))?;
+    std::fs::write(&log_path, log).map_err(|e| crate::io(&log_path, e))?;
     Ok(crate::run::policy(&model))
 }

@@ -3,10 +3,12 @@
 //! clipping), [`schedule`], [`checkpoint`].
 
 pub mod checkpoint;
+pub mod cli_support;
 pub mod compare;
 pub mod config;
 pub mod data;
 pub mod copsd;
+pub mod method;
 pub mod opsa;
 pub mod optim;
 pub mod plan;
@@ -18,7 +20,9 @@ pub mod toy;
 
 pub use config::TrainConfig;
 pub use copsd::train_copsd;
-pub use opsa::{train_opsa, RunControl, StepMetrics};
+pub use method::train;
+pub use opsa::{train_opsa, StepMetrics};
+pub use run::RunControl;
 pub use sft::{train_external_kd, train_offpolicy_sd, train_sft};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +45,9 @@ pub enum TrainError {
     NonFinite(String),
     #[error("interrupted: {0}")]
     Interrupted(String),
+    /// Bad flags or inputs of a command (`opsa train --resume` of a folder without a run, ...).
+    #[error("{0}")]
+    Input(String),
 }
 
 /// Non-finite logits in a rollout stop a run like a non-finite loss does.
@@ -51,4 +58,15 @@ impl From<opsa_generate::GenerateError> for TrainError {
             e => TrainError::Generate(e),
         }
     }
+}
+
+/// An I/O error naming its file.
+pub(crate) fn io(path: &std::path::Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io(format!("{}: {e}", path.display()))
+}
+
+/// Write a file atomically, creating its folder ([`opsa_eval::resume::write_atomic`]: under a
+/// temporary name, then renamed into place, so an interruption leaves no half file).
+pub(crate) fn write_atomic(path: &std::path::Path, text: impl AsRef<[u8]>) -> Result<(), TrainError> {
+    opsa_eval::resume::write_atomic(path, text).map_err(|e| TrainError::Io(e.to_string()))
 }

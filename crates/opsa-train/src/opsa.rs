@@ -2,12 +2,10 @@
 //! and student score the same tokens → divergence → backward → clip → AdamW → next step.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use opsa_distill::{backward_chunked, Contexts, Label, Pair, Targets};
+use opsa_distill::{backward_chunked, Label, Pair, Targets};
 use opsa_eval::refusal::{classify, Verdict};
 use opsa_generate::{generate, Generation, SamplingParams};
 use opsa_models::decoder::Positions;
@@ -16,20 +14,8 @@ use serde::Serialize;
 
 use crate::config::{step_seed, TrainConfig};
 use crate::data::{check_rollouts_fit, read_prompts, step_batch};
-use crate::run::{adapters_off, check_fresh, generate_all, mean, optimizer_step, padded, policy, Next, Run};
-use crate::schedule::{cosine_with_warmup, warmup_steps};
+use crate::run::{adapters_off, check_fresh, generate_all, mean, padded, policy, Next, Run, RunControl, StepSum};
 use crate::TrainError;
-
-/// How a run may be stopped early.
-#[derive(Default)]
-pub struct RunControl<'a> {
-    /// Set by Ctrl-C: a checkpoint is saved at the end of the current step, then the run stops.
-    pub interrupt: Option<&'a AtomicBool>,
-    /// Stop (with a checkpoint) once this many steps are complete.
-    pub stop_after: Option<usize>,
-    /// Show a progress bar.
-    pub progress: bool,
-}
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize)]
@@ -59,17 +45,6 @@ pub struct StepMetrics {
     pub wall_time_s: f64,
 }
 
-pub(crate) fn read_context(inline: &Option<String>, file: &Option<PathBuf>) -> Result<String, TrainError> {
-    match (inline, file) {
-        (Some(s), _) => Ok(s.clone()),
-        (None, Some(p)) => {
-            let s = std::fs::read_to_string(p).map_err(|e| TrainError::Config(format!("{}: {e}", p.display())))?;
-            Ok(s.strip_suffix('\n').unwrap_or(&s).to_string())
-        }
-        (None, None) => unreachable!("validated"),
-    }
-}
-
 /// Train with OPSA. Writes `config.toml`, `metrics.jsonl`, `checkpoints/` and `final/` under
 /// `cfg.train.out_dir`. With `resume`, continues from the newest checkpoint there.
 pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: &RunControl, device: &B::Device) -> Result<PathBuf, TrainError> {
@@ -80,12 +55,7 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
     let model_dir = &cfg.model.path;
     let tok = HfTokenizer::from_dir(model_dir)?;
     let vars = cfg.chat_vars();
-    let contexts = Contexts {
-        harmful: read_context(&cfg.context.harmful, &cfg.context.harmful_file)?,
-        benign: read_context(&cfg.context.benign, &cfg.context.benign_file)?,
-        placement: cfg.context.placement,
-        separator: cfg.context.separator.clone(),
-    };
+    let contexts = cfg.contexts()?;
     for (what, c) in [("harmful", &contexts.harmful), ("benign", &contexts.benign)] {
         if tok.encode(c, false)?.is_empty() {
             return Err(TrainError::Config(format!("context.{what} tokenises to no tokens")));
@@ -104,13 +74,12 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
     };
     let pairs: Vec<Pair> = prompts
         .iter()
-        .map(|p| Pair::render(&tok, &tok, &vars, &contexts, &p.prompt, p.label).map_err(TrainError::Config))
+        .map(|p| Pair::new(&tok, &vars, &contexts, &p.prompt, p.label).map_err(TrainError::Config))
         .collect::<Result<_, _>>()?;
     let max_pos = dcfg.max_position_embeddings;
     check_rollouts_fit(&pairs, cfg.rollout.max_new_tokens, max_pos, prompts_path, "context")?;
     let (n, batch) = (prompts.len(), cfg.train.batch_size);
-    let total = cfg.train.steps.unwrap_or(cfg.train.epochs * n.div_ceil(batch));
-    let warmup = warmup_steps(total, cfg.schedule.warmup_ratio);
+    let total = cfg.total_steps(n);
 
     // ---- Student, optimiser and state: fresh, or from the newest checkpoint. ----
     let (mut run, mut student, mut optim) = Run::open::<B>(cfg, resume, total, control, device)?;
@@ -143,8 +112,8 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
         let step_tokens: usize = rollouts.iter().map(|g| g.token_ids.len()).sum();
 
         // ---- 3. Teacher and student score the same response tokens; backward per micro-batch. ----
-        let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
-        let (mut loss, mut by_pos, mut values, mut entropy) = (0.0, [vec![], vec![], vec![]], vec![], vec![]);
+        let mut sum = StepSum::<B>::default();
+        let mut by_pos = [vec![], vec![], vec![]];
         for mb in (0..jobs.len()).collect::<Vec<_>>().chunks(cfg.train.micro_batch_size) {
             let (mut s_seqs, mut t_seqs, mut spans) = (vec![], vec![], vec![]);
             for &k in mb {
@@ -156,20 +125,14 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
             }
             let (s_ids, ts) = padded::<B>(&s_seqs, device);
             let (t_ids, tt) = padded::<B::InnerBackend>(&t_seqs, device);
-            // Position p−1 predicts token p: response token i sits at prompt_len + i.
             let mut targets = Targets::default();
             for (r, (ps, pt, resp)) in spans.iter().enumerate() {
-                for (i, &tok_id) in resp.iter().enumerate() {
-                    targets.student_rows.push(r * ts + ps + i - 1);
-                    targets.teacher_rows.push(r * tt + pt + i - 1);
-                    targets.tokens.push(tok_id);
-                }
+                targets.push_response(r * ts + ps, r * tt + pt, resp);
             }
             let m = mb.len();
             let ht = teacher.forward_hidden(t_ids, &Positions::causal(m, tt), None);
             let hs = student.forward_trunk(s_ids, &Positions::causal(m, ts), cfg.train.recompute);
             let out = backward_chunked(&divergence, &student, hs, &teacher, ht, &targets, step_tokens, cfg.divergence.chunk_size);
-            loss += out.loss;
             let mut at = 0;
             for (_, _, resp) in &spans {
                 for i in 0..resp.len() {
@@ -178,14 +141,11 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
                 }
                 at += resp.len();
             }
-            values.extend(out.values.iter().map(|&v| v as f64));
-            entropy.extend(out.entropy.iter().map(|&v| v as f64));
-            acc.accumulate(&student, out.grads);
+            sum.add(&student, out);
         }
         // ---- 4. Non-finite guard, global gradient-norm clip, schedule, AdamW. ----
-        let lr = cosine_with_warmup(step, total, cfg.optim.lr, warmup, cfg.schedule.min_lr_ratio);
-        let grad_norm;
-        (student, grad_norm) = optimizer_step(student, &mut optim, acc.grads(), loss, lr, cfg.optim.grad_clip, step, &run.dir)?;
+        let (lr, grad_norm);
+        (student, lr, grad_norm) = run.update(student, &mut optim, &mut sum, step)?;
 
         // ---- 5. Metrics. ----
         let step_time = t0.elapsed().as_secs_f64();
@@ -200,12 +160,12 @@ pub fn train_opsa<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, control: 
         };
         let m = StepMetrics {
             step: step + 1,
-            loss,
-            divergence: mean(&values).unwrap_or(0.0),
+            loss: sum.loss,
+            divergence: mean(&sum.values).unwrap_or(0.0),
             divergence_pos_0_10: mean(&by_pos[0]),
             divergence_pos_10_30: mean(&by_pos[1]),
             divergence_pos_30_plus: mean(&by_pos[2]),
-            entropy: mean(&entropy).unwrap_or(0.0),
+            entropy: mean(&sum.entropy).unwrap_or(0.0),
             response_len: step_tokens as f64 / rollouts.len() as f64,
             refusal_rate: rate(None).unwrap_or(0.0),
             refusal_rate_harmful: rate(Some(Label::Harmful)),

@@ -12,6 +12,7 @@
 
 use std::fmt::Write as _;
 
+use opsa_distill::Contexts;
 use opsa_models::{DecoderConfig, HfTokenizer, ModelConfig};
 
 use crate::config::{Method, TrainConfig};
@@ -117,10 +118,8 @@ pub fn memory_plan(cfg: &TrainConfig, prompt_tokens: usize) -> Result<MemoryPlan
 
     // The context the teacher sees (OPSA, off-policy SD): counted with the model's tokenizer
     // when the folder has one, else about 4 characters a token.
-    let c_ = &cfg.context;
     let context_text = if matches!(cfg.method, Method::Opsa | Method::OffpolicySd) {
-        let harmful = crate::opsa::read_context(&c_.harmful, &c_.harmful_file)?;
-        let benign = crate::opsa::read_context(&c_.benign, &c_.benign_file)?;
+        let Contexts { harmful, benign, .. } = cfg.contexts()?;
         if harmful.len() >= benign.len() { harmful } else { benign }
     } else {
         String::new()

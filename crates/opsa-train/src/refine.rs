@@ -274,14 +274,6 @@ pub fn read_rows(path: &Path) -> Result<Vec<serde_json::Map<String, Value>>, Tra
 pub fn write_refined(path: &Path, rows: &[serde_json::Map<String, Value>], summary: &RefineSummary) -> Result<(), TrainError> {
     let text: String = rows.iter().map(|r| serde_json::to_string(r).expect("rows serialise") + "\n").collect();
     let summary_path = path.with_extension("summary.json");
-    for (p, body) in [(path.to_path_buf(), text), (summary_path, serde_json::to_string_pretty(summary).expect("serialises") + "\n")] {
-        let err = |e: std::io::Error| TrainError::Io(format!("{}: {e}", p.display()));
-        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let tmp = p.with_extension(format!("tmp-{}", std::process::id()));
-        std::fs::write(&tmp, body).map_err(err)?;
-        std::fs::rename(&tmp, &p).map_err(err)?;
-    }
-    Ok(())
+    crate::write_atomic(path, text)?;
+    crate::write_atomic(&summary_path, serde_json::to_string_pretty(summary).expect("serialises") + "\n")
 }

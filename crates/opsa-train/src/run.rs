@@ -4,12 +4,12 @@
 //! themselves stay in one straight-line function per method.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::AdamW;
+use burn::optim::{AdamW, GradientsAccumulator};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
 use opsa_models::lora::{load_adapter, save_adapter};
@@ -19,8 +19,19 @@ use serde::Serialize;
 use crate::checkpoint::{list_checkpoints, load_optimizer, read_state, save_checkpoint, TrainState, Weights};
 use crate::config::TrainConfig;
 use crate::optim::adamw;
-use crate::opsa::RunControl;
-use crate::TrainError;
+use crate::schedule::{cosine_with_warmup, warmup_steps};
+use crate::{io, TrainError};
+
+/// How a run may be stopped early.
+#[derive(Default)]
+pub struct RunControl<'a> {
+    /// Set by Ctrl-C: a checkpoint is saved at the end of the current step, then the run stops.
+    pub interrupt: Option<&'a AtomicBool>,
+    /// Stop (with a checkpoint) once this many steps are complete.
+    pub stop_after: Option<usize>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
 
 /// The optimiser every method uses.
 pub type Optim<B> = OptimizerAdaptor<AdamW, CausalLm<B>, B>;
@@ -44,13 +55,14 @@ pub struct Run {
     keep: usize,
     save_every: usize,
     batch: usize,
+    /// The schedule: peak lr, warmup steps, floor ratio; and the global gradient-norm clip.
+    lr: f64,
+    warmup: usize,
+    min_lr_ratio: f64,
+    grad_clip: f64,
     metrics: opsa_eval::resume::JsonlFile,
     bar: indicatif::ProgressBar,
     start: Instant,
-}
-
-fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
-    TrainError::Io(format!("{}: {e}", path.display()))
 }
 
 /// What a run folder holds besides its manifest.
@@ -220,11 +232,35 @@ impl Run {
             keep: cfg.train.keep_checkpoints,
             save_every: cfg.train.save_every,
             batch: cfg.train.batch_size,
+            lr: cfg.optim.lr,
+            warmup: warmup_steps(total, cfg.schedule.warmup_ratio),
+            min_lr_ratio: cfg.schedule.min_lr_ratio,
+            grad_clip: cfg.optim.grad_clip,
             metrics,
             bar,
             start,
         };
         Ok((run, student, optim))
+    }
+
+    /// The learning rate of optimiser step `step` (0-based): cosine with linear warmup.
+    pub fn lr(&self, step: usize) -> f64 {
+        cosine_with_warmup(step, self.total, self.lr, self.warmup, self.min_lr_ratio)
+    }
+
+    /// The end of a step's backward passes: the step's learning rate, then the optimiser step
+    /// on what `sum` accumulated ([`StepSum::apply`]). Returns the updated student, the learning
+    /// rate and the gradient norm before clipping.
+    pub fn update<B: AutodiffBackend>(
+        &self,
+        student: CausalLm<B>,
+        optim: &mut Optim<B>,
+        sum: &mut StepSum<B>,
+        step: usize,
+    ) -> Result<(CausalLm<B>, f64, f64), TrainError> {
+        let lr = self.lr(step);
+        let (student, grad_norm) = sum.apply(student, optim, lr, self.grad_clip, step, &self.dir)?;
+        Ok((student, lr, grad_norm))
     }
 
     /// Seconds since the run started (across resumes).
@@ -314,6 +350,38 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
         .collect();
     opsa_eval::resume::write_atomic(path, &kept).map_err(opsa_eval::suite::EvalError::from)?;
     Ok(())
+}
+
+/// What the micro-batches of one optimiser step add up to: their gradients, the step loss (each
+/// brings its share of the token mean over the step) and the per-token values and student
+/// entropy of [`opsa_distill::DistillGrads`], in target order.
+pub struct StepSum<B: AutodiffBackend> {
+    grads: GradientsAccumulator<CausalLm<B>>,
+    pub loss: f64,
+    pub values: Vec<f64>,
+    pub entropy: Vec<f64>,
+}
+
+impl<B: AutodiffBackend> Default for StepSum<B> {
+    fn default() -> Self {
+        StepSum { grads: GradientsAccumulator::new(), loss: 0.0, values: vec![], entropy: vec![] }
+    }
+}
+
+impl<B: AutodiffBackend> StepSum<B> {
+    /// Add one micro-batch's backward pass.
+    pub fn add(&mut self, model: &CausalLm<B>, out: opsa_distill::DistillGrads) {
+        self.loss += out.loss;
+        self.values.extend(out.values.iter().map(|&v| v as f64));
+        self.entropy.extend(out.entropy.iter().map(|&v| v as f64));
+        self.grads.accumulate(model, out.grads);
+    }
+
+    /// [`optimizer_step`] on the accumulated gradients and loss, at `lr`; the gradients are
+    /// consumed (the loss, values and entropy stay for the metrics).
+    pub fn apply(&mut self, model: CausalLm<B>, optim: &mut Optim<B>, lr: f64, grad_clip: f64, step: usize, run_dir: &Path) -> Result<(CausalLm<B>, f64), TrainError> {
+        optimizer_step(model, optim, self.grads.grads(), self.loss, lr, grad_clip, step, run_dir)
+    }
 }
 
 /// The end of every optimiser step: a NaN or infinite loss or gradient norm stops the run (the

@@ -7,24 +7,20 @@
 //!   training prompt once (`rollout.n` samples), a judge keeps the acceptable answers, and the
 //!   student is trained by SFT on them *without* the context.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::AutodiffBackend;
-use opsa_distill::{backward_objective, Contexts, Divergence, Label, Objective, Pair, Targets};
+use opsa_distill::{backward_objective, Divergence, Label, Objective, Pair, Targets};
 use opsa_eval::refusal::{classify, Verdict};
 use opsa_models::decoder::Positions;
 use opsa_models::{load_model, CausalLm, HfTokenizer, LoadOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
-use crate::data::{check_rollouts_fit, end_of_turn, pack, read_examples, read_prompts, step_batch, tokenize_example, Tokenized};
-use crate::opsa::{read_context, RunControl};
-use crate::run::{check_fresh, generate_all, mean, optimizer_step, padded, Next, Run};
-use crate::schedule::{cosine_with_warmup, warmup_steps};
-use crate::TrainError;
+use crate::data::{check_rollouts_fit, end_of_turn, pack, read_examples, read_jsonl, read_prompts, step_batch, tokenize_example, Tokenized};
+use crate::run::{check_fresh, generate_all, mean, padded, Next, Run, RunControl, StepSum};
+use crate::{write_atomic, TrainError};
 
 /// One line of `metrics.jsonl` for the supervised methods.
 #[derive(Debug, Clone, Serialize)]
@@ -152,10 +148,9 @@ pub struct OffpolicySample {
 
 /// Read `RUN/offpolicy/samples.jsonl` back (a resumed run, the demo's findings).
 pub fn read_offpolicy_samples(path: &Path) -> Result<Vec<OffpolicySample>, TrainError> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-    text.lines()
-        .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| TrainError::Io(format!("{}: line {}: {e}", path.display(), i + 1))))
+    read_jsonl(path)?
+        .into_iter()
+        .map(|(n, v)| serde_json::from_value(v).map_err(|e| TrainError::Data(format!("{}:{n}: {e}", path.display()))))
         .collect()
 }
 
@@ -198,15 +193,10 @@ pub fn train_offpolicy_sd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, c
     let prompts = read_prompts(prompts_path)?;
     let tok = HfTokenizer::from_dir(&cfg.model.path)?;
     let vars = cfg.chat_vars();
-    let contexts = Contexts {
-        harmful: read_context(&cfg.context.harmful, &cfg.context.harmful_file)?,
-        benign: read_context(&cfg.context.benign, &cfg.context.benign_file)?,
-        placement: cfg.context.placement,
-        separator: cfg.context.separator.clone(),
-    };
+    let contexts = cfg.contexts()?;
     let pairs: Vec<Pair> = prompts
         .iter()
-        .map(|p| Pair::render(&tok, &tok, &vars, &contexts, &p.prompt, p.label).map_err(TrainError::Config))
+        .map(|p| Pair::new(&tok, &vars, &contexts, &p.prompt, p.label).map_err(TrainError::Config))
         .collect::<Result<_, _>>()?;
     let (vocab, max_pos) = read_model_config(&cfg.model.path)?;
     tok.check_vocab(vocab)?;
@@ -256,15 +246,8 @@ pub fn train_offpolicy_sd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, c
             generated_benign: count(Label::Benign, false),
         };
         crate::run::start_run(cfg, false)?;
-        std::fs::create_dir_all(&dir).map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
-        let write = |p: &Path, text: String| -> Result<(), TrainError> {
-            let tmp = p.with_extension("tmp");
-            let mut f = std::fs::File::create(&tmp).map_err(|e| TrainError::Io(format!("{}: {e}", tmp.display())))?;
-            f.write_all(text.as_bytes()).map_err(|e| TrainError::Io(format!("{}: {e}", tmp.display())))?;
-            std::fs::rename(&tmp, p).map_err(|e| TrainError::Io(format!("{}: {e}", p.display())))
-        };
-        write(&dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("serialises"))?;
-        write(&samples_path, out.iter().map(|s| serde_json::to_string(s).expect("serialises") + "\n").collect())?;
+        write_atomic(&dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("serialises"))?;
+        write_atomic(&samples_path, out.iter().map(|s| serde_json::to_string(s).expect("serialises") + "\n").collect::<String>())?;
         eprintln!(
             "off-policy self-distillation: the judge kept {} of {} answers (harmful {}/{}, benign {}/{}); details in {}",
             summary.kept,
@@ -302,9 +285,9 @@ pub fn train_offpolicy_sd<B: AutodiffBackend>(cfg: &TrainConfig, resume: bool, c
     train_on_examples::<B>(cfg, resume, control, device, examples, None)
 }
 
-/// The example loop: `train.batch_size` examples per optimiser step, `train.micro_batch_size`
-/// per forward pass (packed into rows with `data.packing`), token-mean loss over the step.
-/// Cross-entropy without a teacher; the divergence to the teacher's distributions with one.
+/// The example loop: `train.batch_size` examples per optimiser step ([`examples_backward`]),
+/// token-mean loss over the step. Cross-entropy without a teacher; the divergence to the
+/// teacher's distributions with one.
 pub fn train_on_examples<B: AutodiffBackend>(
     cfg: &TrainConfig,
     resume: bool,
@@ -314,10 +297,10 @@ pub fn train_on_examples<B: AutodiffBackend>(
     teacher: Option<(CausalLm<B::InnerBackend>, Divergence)>,
 ) -> Result<PathBuf, TrainError> {
     let (n, batch) = (examples.len(), cfg.train.batch_size);
-    let total = cfg.train.steps.unwrap_or(cfg.train.epochs * n.div_ceil(batch));
-    let warmup = warmup_steps(total, cfg.schedule.warmup_ratio);
+    let total = cfg.total_steps(n);
     let longest = examples.iter().map(Tokenized::len).max().unwrap_or(1);
     let pack_len = if cfg.data.pack_len == 0 { longest } else { cfg.data.pack_len };
+    let packing = cfg.data.packing.then_some(pack_len);
     let (mut run, mut student, mut optim) = Run::open::<B>(cfg, resume, total, control, device)?;
     if let Some((t, _)) = &teacher {
         if t.config.vocab_size != student.config.vocab_size {
@@ -332,69 +315,23 @@ pub fn train_on_examples<B: AutodiffBackend>(
         let step_tokens: usize = idx.iter().map(|&i| examples[i].response.len()).sum();
 
         // ---- 2. Forward/backward per micro-batch, examples packed into rows. ----
-        let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
-        let (mut loss, mut values, mut entropy, mut rows_used, mut slots, mut used) = (0.0, vec![], vec![], 0, 0, 0);
-        for mb in idx.chunks(cfg.train.micro_batch_size) {
-            let lengths: Vec<usize> = mb.iter().map(|&i| examples[i].len()).collect();
-            let rows = pack(&lengths, cfg.data.packing, pack_len);
-            let mut seqs = vec![];
-            let mut segments = vec![];
-            let mut targets = Targets::default();
-            let t = rows.iter().map(|r| r.iter().map(|&k| lengths[k]).sum::<usize>()).max().unwrap_or(1);
-            for (r, row) in rows.iter().enumerate() {
-                let (mut seq, mut segs) = (vec![], vec![]);
-                for &k in row {
-                    let ex = &examples[mb[k]];
-                    let start = seq.len();
-                    seq.extend_from_slice(&ex.prompt);
-                    seq.extend_from_slice(&ex.response);
-                    segs.push(ex.len());
-                    // Position p−1 predicts token p: response token i sits at start + prompt + i.
-                    for (i, &tok_id) in ex.response.iter().enumerate() {
-                        let at = r * t + start + ex.prompt.len() + i - 1;
-                        targets.student_rows.push(at);
-                        targets.teacher_rows.push(at);
-                        targets.tokens.push(tok_id);
-                    }
-                }
-                used += seq.len();
-                seqs.push(seq);
-                segments.push(segs);
-            }
-            rows_used += rows.len();
-            slots += rows.len() * t;
-            let (ids, t_pad) = padded::<B>(&seqs, device);
-            debug_assert_eq!(t_pad, t);
-            let pos = if cfg.data.packing { Positions::packed(&segments, t) } else { Positions::causal(rows.len(), t) };
-            let hs = student.forward_trunk(ids.clone(), &pos, cfg.train.recompute); // [rows, t, hidden]
-            let out = match &teacher {
-                None => backward_objective(&Objective::CrossEntropy, &student, hs, None, &targets, step_tokens, cfg.divergence.chunk_size),
-                Some((tm, div)) => {
-                    let ht = tm.forward_hidden(ids.inner(), &pos, None); // same layout as the student's
-                    backward_objective(&Objective::Distill(div), &student, hs, Some((tm, ht)), &targets, step_tokens, cfg.divergence.chunk_size)
-                }
-            };
-            loss += out.loss;
-            values.extend(out.values.iter().map(|&v| v as f64));
-            entropy.extend(out.entropy.iter().map(|&v| v as f64));
-            acc.accumulate(&student, out.grads);
-        }
+        let (mut sum, rows) = examples_backward(cfg, &student, &examples, &idx, packing, teacher.as_ref(), device);
+
         // ---- 3. Non-finite guard, global clip, schedule, AdamW. ----
-        let lr = cosine_with_warmup(step, total, cfg.optim.lr, warmup, cfg.schedule.min_lr_ratio);
-        let grad_norm;
-        (student, grad_norm) = optimizer_step(student, &mut optim, acc.grads(), loss, lr, cfg.optim.grad_clip, step, &run.dir)?;
+        let (lr, grad_norm);
+        (student, lr, grad_norm) = run.update(student, &mut optim, &mut sum, step)?;
 
         // ---- 4. Metrics, checkpoints. ----
         let step_time = t0.elapsed().as_secs_f64();
         let m = SftMetrics {
             step: step + 1,
-            loss,
-            value: mean(&values).unwrap_or(0.0),
-            entropy: mean(&entropy).unwrap_or(0.0),
+            loss: sum.loss,
+            value: mean(&sum.values).unwrap_or(0.0),
+            entropy: mean(&sum.entropy).unwrap_or(0.0),
             tokens: step_tokens,
             examples: idx.len(),
-            rows: rows_used,
-            padding: 1.0 - used as f64 / slots.max(1) as f64,
+            rows: rows.rows,
+            padding: 1.0 - rows.used as f64 / rows.slots.max(1) as f64,
             lr,
             grad_norm,
             train_tokens_per_s: step_tokens as f64 / step_time.max(1e-9),
@@ -408,4 +345,70 @@ pub fn train_on_examples<B: AutodiffBackend>(
         }
     }
     run.finish(&student)
+}
+
+/// How the examples of a step filled the forward passes' rows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowUse {
+    /// Forward rows (fewer than examples when packing).
+    pub rows: usize,
+    /// Token slots of those rows, and how many held tokens (the rest was padding).
+    pub slots: usize,
+    pub used: usize,
+}
+
+/// Forward and backward of the examples `idx` of one optimiser step, `train.micro_batch_size`
+/// per forward pass; with `packing = Some(pack_len)` packed into rows of at most `pack_len`
+/// tokens, else one example per row. The loss is prompt-masked cross-entropy, or with a teacher
+/// its divergence, as a token mean over all of the step's response tokens.
+pub fn examples_backward<B: AutodiffBackend>(
+    cfg: &TrainConfig,
+    student: &CausalLm<B>,
+    examples: &[Tokenized],
+    idx: &[usize],
+    packing: Option<usize>,
+    teacher: Option<&(CausalLm<B::InnerBackend>, Divergence)>,
+    device: &B::Device,
+) -> (StepSum<B>, RowUse) {
+    let step_tokens: usize = idx.iter().map(|&i| examples[i].response.len()).sum();
+    let mut sum = StepSum::default();
+    let mut fill = RowUse::default();
+    for mb in idx.chunks(cfg.train.micro_batch_size) {
+        let lengths: Vec<usize> = mb.iter().map(|&i| examples[i].len()).collect();
+        let rows = pack(&lengths, packing.is_some(), packing.unwrap_or(0));
+        let mut seqs = vec![];
+        let mut segments = vec![];
+        let mut targets = Targets::default();
+        let t = rows.iter().map(|r| r.iter().map(|&k| lengths[k]).sum::<usize>()).max().unwrap_or(1);
+        for (r, row) in rows.iter().enumerate() {
+            let (mut seq, mut segs) = (vec![], vec![]);
+            for &k in row {
+                let ex = &examples[mb[k]];
+                // One stream: the student's positions are the teacher's.
+                let at = r * t + seq.len() + ex.prompt.len();
+                targets.push_response(at, at, &ex.response);
+                seq.extend_from_slice(&ex.prompt);
+                seq.extend_from_slice(&ex.response);
+                segs.push(ex.len());
+            }
+            fill.used += seq.len();
+            seqs.push(seq);
+            segments.push(segs);
+        }
+        fill.rows += rows.len();
+        fill.slots += rows.len() * t;
+        let (ids, t_pad) = padded::<B>(&seqs, device);
+        debug_assert_eq!(t_pad, t);
+        let pos = if packing.is_some() { Positions::packed(&segments, t) } else { Positions::causal(rows.len(), t) };
+        let hs = student.forward_trunk(ids.clone(), &pos, cfg.train.recompute); // [rows, t, hidden]
+        let out = match teacher {
+            None => backward_objective(&Objective::CrossEntropy, student, hs, None, &targets, step_tokens, cfg.divergence.chunk_size),
+            Some((tm, div)) => {
+                let ht = tm.forward_hidden(ids.inner(), &pos, None); // same layout as the student's
+                backward_objective(&Objective::Distill(div), student, hs, Some((tm, ht)), &targets, step_tokens, cfg.divergence.chunk_size)
+            }
+        };
+        sum.add(student, out);
+    }
+    (sum, fill)
 }

@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 
 use super::world::{self, Request, CATEGORIES};
 use crate::compare::{run_recipe, Recipe};
-use crate::opsa::RunControl;
-use crate::TrainError;
+use crate::run::RunControl;
+use crate::{io, write_atomic, TrainError};
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -69,19 +69,6 @@ pub fn arm_names() -> Vec<String> {
     v.extend(["external-kd", "copsd"].map(String::from));
     v.extend(TFR_SWEEP.iter().map(|id| format!("opsa-{id}")));
     v
-}
-
-pub(super) fn io(p: &Path, e: impl std::fmt::Display) -> TrainError {
-    TrainError::Io(format!("{}: {e}", p.display()))
-}
-
-/// Write `text` to `p` atomically, creating its folder.
-pub(super) fn write(p: &Path, text: &str) -> Result<(), TrainError> {
-    if let Some(d) = p.parent() {
-        std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
-    }
-    opsa_eval::resume::write_atomic(p, text).map_err(opsa_eval::suite::EvalError::from)?;
-    Ok(())
 }
 
 fn jsonl(rows: impl IntoIterator<Item = Value>) -> String {
@@ -185,36 +172,36 @@ pub fn write_demo(o: &DemoOptions, seed: u64, out: &Path) -> Result<PathBuf, Tra
         Request::Harmful { category, .. } => json!({"prompt": r.prompt(), "label": "harmful", "category": CATEGORIES[*category].0}),
         _ => json!({"prompt": r.prompt(), "label": "benign"}),
     };
-    write(&w.join("train-prompts.jsonl"), &jsonl(harmful.iter().chain(&benign).map(prompt_row)))?;
+    write_atomic(&w.join("train-prompts.jsonl"), &jsonl(harmful.iter().chain(&benign).map(prompt_row)))?;
     // External safety data in a foreign style: the same harmful prompts, refused formally; and
     // its first 10 and 20 rows for DGR's few-example claim.
     let external: Vec<Value> = harmful.iter().map(|r| json!({"prompt": r.prompt(), "response": r.foreign_refusal(), "label": "harmful"})).collect();
-    write(&w.join("external-safety.jsonl"), &jsonl(external.clone()))?;
+    write_atomic(&w.join("external-safety.jsonl"), &jsonl(external.clone()))?;
     for k in DGR_SUBSETS {
-        write(&w.join(format!("external-safety-{k}.jsonl")), &jsonl(external.iter().take(k).cloned()))?;
+        write_atomic(&w.join(format!("external-safety-{k}.jsonl")), &jsonl(external.iter().take(k).cloned()))?;
     }
     // Evaluation: held-out harmful targets, held-out look-alikes, held-out additions.
     let eval_h = world::sample(world::harmful_requests(world::EVAL_TARGETS), n, seed ^ 4);
     let eval_l = world::sample(world::lookalike_requests(world::EVAL_LOOKALIKES), n, seed ^ 5);
     let eval_a = world::sample(world::held_out_additions(), n, seed ^ 6);
-    write(&w.join("eval-harmful.jsonl"), &jsonl(eval_h.iter().map(|r| json!({"prompt": r.prompt(), "label": "harmful"}))))?;
-    write(&w.join("eval-lookalike.jsonl"), &jsonl(eval_l.iter().map(|r| json!({"prompt": r.prompt(), "label": "benign"}))))?;
+    write_atomic(&w.join("eval-harmful.jsonl"), &jsonl(eval_h.iter().map(|r| json!({"prompt": r.prompt(), "label": "harmful"}))))?;
+    write_atomic(&w.join("eval-lookalike.jsonl"), &jsonl(eval_l.iter().map(|r| json!({"prompt": r.prompt(), "label": "benign"}))))?;
     let additions = eval_a.iter().filter_map(|r| match r {
         Request::Add { a, b, .. } => Some(json!({"prompt": r.prompt(), "answer": (a + b).to_string()})),
         _ => None,
     });
-    write(&w.join("eval-arithmetic.jsonl"), &jsonl(additions))?;
+    write_atomic(&w.join("eval-arithmetic.jsonl"), &jsonl(additions))?;
     // The flip-rate search: the context pool, harmful and benign prompts from the training side.
     let pool = world::context_pool();
-    write(&w.join("contexts.jsonl"), &jsonl(pool.iter().map(|(id, c, kind)| json!({"id": id, "context": c, "kind": kind}))))?;
+    write_atomic(&w.join("contexts.jsonl"), &jsonl(pool.iter().map(|(id, c, kind)| json!({"id": id, "context": c, "kind": kind}))))?;
     let flip_h = world::sample(world::harmful_requests(world::TRAIN_TARGETS), n.min(40), seed ^ 7);
     let flip_b = world::sample(world::lookalike_requests(world::TRAIN_LOOKALIKES), n.min(20), seed ^ 8);
-    write(&w.join("flip-harmful.jsonl"), &jsonl(flip_h.iter().map(|r| json!({"prompt": r.prompt()}))))?;
-    write(&w.join("flip-benign.jsonl"), &jsonl(flip_b.iter().map(|r| json!({"prompt": r.prompt()}))))?;
-    write(&w.join("benign-context.txt"), &format!("{}\n", world::BENIGN_CONTEXT))?;
-    write(&w.join("constitution.toml"), &world::constitution_toml())?;
+    write_atomic(&w.join("flip-harmful.jsonl"), &jsonl(flip_h.iter().map(|r| json!({"prompt": r.prompt()}))))?;
+    write_atomic(&w.join("flip-benign.jsonl"), &jsonl(flip_b.iter().map(|r| json!({"prompt": r.prompt()}))))?;
+    write_atomic(&w.join("benign-context.txt"), &format!("{}\n", world::BENIGN_CONTEXT))?;
+    write_atomic(&w.join("constitution.toml"), &world::constitution_toml())?;
 
-    write(
+    write_atomic(
         &out.join("configs/suite.toml"),
         &format!(
             r#"# The toy world's evaluation: held-out harmful requests (harmful-compliance rate), held-out
@@ -281,12 +268,12 @@ path = {a}
         ),
     ];
     for (name, what, c) in &configs {
-        write(&out.join(format!("configs/{name}.toml")), &format!("# {what}\n{}", c.toml(o, seed, &w)))?;
+        write_atomic(&out.join(format!("configs/{name}.toml")), &format!("# {what}\n{}", c.toml(o, seed, &w)))?;
     }
     for id in TFR_SWEEP {
         let (_, text, _) = pool.iter().find(|(i, _, _)| *i == id).expect("the sweep's contexts are in the pool");
         let c = arm("opsa", &prompts, text);
-        write(&out.join(format!("configs/opsa-{id}.toml")), &format!("# OPSA with the pool's `{id}` context (the flip-rate sweep).\n{}", c.toml(o, seed, &w)))?;
+        write_atomic(&out.join(format!("configs/opsa-{id}.toml")), &format!("# OPSA with the pool's `{id}` context (the flip-rate sweep).\n{}", c.toml(o, seed, &w)))?;
     }
 
     let mut recipe = format!(
@@ -329,7 +316,7 @@ batch_size = 20
         add(&format!("opsa-{id}"), &format!("opsa-{id}"), false, "");
     }
     let path = out.join("recipe.toml");
-    write(&path, &recipe)?;
+    write_atomic(&path, &recipe)?;
     Ok(path)
 }
 
@@ -371,11 +358,11 @@ fn teacher_traces<B: Backend>(o: &DemoOptions, seed: u64, out: &Path, overwrite:
             )));
         }
         let summary = json!({"prompts": prompts.len(), "kept": kept.len()});
-        write(&dir.join("summary.json"), &(serde_json::to_string_pretty(&summary).expect("json") + "\n"))?;
-        write(&cached, &jsonl(kept))?;
+        write_atomic(&dir.join("summary.json"), &(serde_json::to_string_pretty(&summary).expect("json") + "\n"))?;
+        write_atomic(&cached, &jsonl(kept))?;
     }
     let text = std::fs::read_to_string(&cached).map_err(|e| io(&cached, e))?;
-    write(&target, &text)
+    write_atomic(&target, &text)
 }
 
 /// One seed's folder: the demo's `out` for one seed, `out/seed-K` for several.
@@ -411,7 +398,7 @@ pub fn run_demo<B: AutodiffBackend>(o: &DemoOptions, control: &RunControl, overw
                 o.out.display()
             )))
         }
-        _ => write(&stamp, &options)?,
+        _ => write_atomic(&stamp, &options)?,
     }
     let mut all = vec![];
     for seed in o.seed..o.seed + o.seeds as u64 {

@@ -25,10 +25,10 @@ use opsa_models::{load_model, HfTokenizer, LoadOptions, Prompt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::demo::{arm_names, io, write, DemoOptions, TFR_SWEEP};
+use super::demo::{arm_names, DemoOptions, TFR_SWEEP};
 use super::world;
 use crate::data::{end_of_turn, read_examples, tokenize_example, Example};
-use crate::TrainError;
+use crate::{io, write_atomic, TrainError};
 
 /// One arm's evaluation (rates in [0, 1]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -206,8 +206,7 @@ pub fn measure<B: Backend>(o: &DemoOptions, seed: u64, out: &Path, overwrite: bo
     let mut monitors = vec![];
     for arm in ["opsa", "copsd"] {
         let p = out.join("train").join(arm).join("metrics.jsonl");
-        let text = std::fs::read_to_string(&p).map_err(|e| io(&p, e))?;
-        let rows: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).map_err(|e| io(&p, e))).collect::<Result<_, _>>()?;
+        let rows: Vec<Value> = crate::data::read_jsonl(&p)?.into_iter().map(|(_, v)| v).collect();
         let series = |k: &str| rows.iter().filter_map(|r| r[k].as_f64()).collect::<Vec<_>>();
         monitors.push(Monitor { arm: arm.into(), entropy: series("entropy"), response_len: series("response_len") });
     }
@@ -227,7 +226,7 @@ pub fn measure<B: Backend>(o: &DemoOptions, seed: u64, out: &Path, overwrite: bo
         kl,
         monitors,
     };
-    write(&out.join("findings.json"), &(serde_json::to_string_pretty(&f).expect("serialises") + "\n"))?;
+    write_atomic(&out.join("findings.json"), &(serde_json::to_string_pretty(&f).expect("serialises") + "\n"))?;
     Ok(f)
 }
 
@@ -423,7 +422,7 @@ pub fn summarise(all: &[SeedFindings], dir: &Path) -> Result<String, TrainError>
     lines(&Chart { title: "Student entropy per step", x_label: "step", y_label: "entropy (nats)" }, &ent, &dir.join("entropy"))?;
     lines(&Chart { title: "Mean response length per step", x_label: "step", y_label: "tokens" }, &len, &dir.join("response_length"))?;
 
-    write(&dir.join("findings.md"), &md)?;
-    write(&dir.join("findings.json"), &(serde_json::to_string_pretty(all).expect("serialises") + "\n"))?;
+    write_atomic(&dir.join("findings.md"), &md)?;
+    write_atomic(&dir.join("findings.json"), &(serde_json::to_string_pretty(all).expect("serialises") + "\n"))?;
     Ok(md)
 }

@@ -21,8 +21,8 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer, TokenizerBuilder};
 
 use crate::config::TrainConfig;
-use crate::opsa::RunControl;
-use crate::TrainError;
+use crate::run::RunControl;
+use crate::{io, TrainError};
 
 /// The chat template (Qwen-style turns; the context, if any, is inside the user message).
 pub const CHAT_TEMPLATE: &str = "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}";
@@ -68,10 +68,6 @@ pub fn model_config_json(vocab_rows: usize, eos: u32, pad: u32) -> serde_json::V
     })
 }
 
-fn io(p: &Path, e: impl std::fmt::Display) -> TrainError {
-    TrainError::Io(format!("{}: {e}", p.display()))
-}
-
 fn tok_err(e: impl std::fmt::Display) -> TrainError {
     TrainError::Config(format!("toy tokenizer: {e}"))
 }
@@ -111,7 +107,7 @@ pub fn train_tokenizer(corpus: &[(String, String)], vocab_size: usize) -> Result
 pub fn write_model_files(tok: &Tokenizer, dir: &Path) -> Result<usize, TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let id = |s: &str| tok.token_to_id(s).ok_or_else(|| tok_err(format!("no id for {s}")));
-    let (eot, start, end) = (id(SPECIAL[0])?, id(SPECIAL[1])?, id(SPECIAL[2])?);
+    let (eot, end) = (id(SPECIAL[0])?, id(SPECIAL[2])?);
     let n = tok.get_vocab_size(true);
     let rows = n.div_ceil(64) * 64;
     tok.save(dir.join("tokenizer.json"), false).map_err(tok_err)?;
@@ -122,7 +118,6 @@ pub fn write_model_files(tok: &Tokenizer, dir: &Path) -> Result<usize, TrainErro
             json!({"content": s, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": special}),
         );
     }
-    let _ = start;
     let files = [
         (
             "tokenizer_config.json",
