@@ -72,6 +72,7 @@ fn bench<B: Backend>(name: &str, device: &B::Device) {
 }
 
 fn main() {
+    common::configure_allocator();
     #[cfg(feature = "ndarray")]
     if want("ndarray") {
         bench::<burn::backend::NdArray>("ndarray", &Default::default());

@@ -171,6 +171,7 @@ fn run<B: AutodiffBackend>(backend: &str, device: &B::Device) {
 }
 
 fn main() {
+    common::configure_allocator();
     #[cfg(feature = "ndarray")]
     if std::env::var("OPSA_PLAN_DTYPE").map_or(true, |d| d == "f32") {
         run::<Autodiff<burn::backend::NdArray>>("ndarray", &Default::default());

@@ -101,6 +101,7 @@ fn step<B: AutodiffBackend>(name: &str, device: &B::Device) {
 }
 
 fn main() {
+    common::configure_allocator();
     #[cfg(feature = "ndarray")]
     if want("ndarray") {
         step::<Autodiff<burn::backend::NdArray>>("ndarray", &Default::default());

@@ -1,6 +1,8 @@
 //! `opsa`: the command-line interface. Thin: argument parsing, backend choice, file I/O and
 //! output formatting; the work is done in the library crates.
 
+mod allocator;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -562,6 +564,7 @@ struct ScoreArgs {
 }
 
 fn main() -> ExitCode {
+    allocator::configure();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     std::panic::set_hook(Box::new(|info| {

@@ -7,6 +7,11 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use opsa_models::DecoderConfig;
 
+// The binary's allocator (mimalloc), so that the benchmarks measure what `opsa` runs.
+#[path = "../../src/allocator.rs"]
+mod allocator;
+pub use allocator::configure as configure_allocator;
+
 /// vocab 32768, hidden 512, 8 layers, 8 query / 4 KV heads of 64, tied embeddings (~42M).
 pub fn config() -> DecoderConfig {
     DecoderConfig {
