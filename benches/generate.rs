@@ -13,7 +13,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{config, env_usize, want};
+use common::{config, cpu_seconds, env_usize, want};
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
@@ -50,7 +50,9 @@ fn bench<B: Backend>(name: &str, device: &B::Device) {
         };
         prefill(false);
         let reps = 3;
+        let (w0, c0) = (Instant::now(), cpu_seconds());
         let t_prefill = (0..reps).map(|_| prefill(true)).fold(f64::INFINITY, f64::min);
+        let prefill_cores = (cpu_seconds() - c0) / w0.elapsed().as_secs_f64();
         // Decode: greedy generation of `new` tokens (no EOS), minus its prefill.
         let params = SamplingParams { max_new_tokens: new, ..Default::default() };
         let idx: Vec<u64> = (0..b as u64).collect();
@@ -60,10 +62,12 @@ fn bench<B: Backend>(name: &str, device: &B::Device) {
             assert!(g.iter().all(|g| g.token_ids.len() == new));
             t0.elapsed().as_secs_f64()
         };
+        let (w1, c1) = (Instant::now(), cpu_seconds());
         let t_gen = (0..2).map(|_| run()).fold(f64::INFINITY, f64::min);
+        let generate_cores = (cpu_seconds() - c1) / w1.elapsed().as_secs_f64();
         let t_decode = (t_gen - t_prefill).max(1e-9);
         println!(
-            "{{\"impl\":\"opsa\",\"backend\":\"{name}\",\"params_m\":{:.1},\"batch\":{b},\"prompt\":{plen},\"new\":{new},\"prefill_tok_s\":{:.1},\"decode_tok_s\":{:.1}}}",
+            "{{\"impl\":\"opsa\",\"backend\":\"{name}\",\"params_m\":{:.1},\"batch\":{b},\"prompt\":{plen},\"new\":{new},\"prefill_tok_s\":{:.1},\"decode_tok_s\":{:.1},\"prefill_cores\":{prefill_cores:.2},\"generate_cores\":{generate_cores:.2}}}",
             cfg.num_parameters() as f64 / 1e6,
             (b * plen) as f64 / t_prefill,
             (b * (new - 1)) as f64 / t_decode,

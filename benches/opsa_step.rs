@@ -13,7 +13,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{config, env_usize, ids, peak_rss, reset_peak, rss, want};
+use common::{config, cpu_seconds, env_usize, ids, peak_rss, reset_peak, rss, want};
 use std::time::Instant;
 
 use burn::backend::Autodiff;
@@ -41,13 +41,14 @@ fn step<B: AutodiffBackend>(name: &str, device: &B::Device) {
     let ctx: Vec<u32> = (0..16).map(|j| (j * 31 + 5) as u32).collect();
     for round in 0..2 {
         // Rollouts (sampled at T = 1, no EOS so every row has `new` tokens).
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_seconds());
         let params = SamplingParams { temperature: 1.0, max_new_tokens: new, seed: round, ..Default::default() };
         let idx: Vec<u64> = (0..b as u64).collect();
         let gens = generate(&student.valid(), &prompts, &idx, &params, &[], None).unwrap();
         let t_roll = t0.elapsed().as_secs_f64();
+        let c_roll = cpu_seconds() - c0;
         // Teacher forward + student forward/backward + AdamW.
-        let t1 = Instant::now();
+        let (t1, c1) = (Instant::now(), cpu_seconds());
         let s_rows: Vec<Vec<u32>> = prompts.iter().zip(&gens).map(|(p, g)| p.iter().chain(&g.token_ids).copied().collect()).collect();
         let t_rows: Vec<Vec<u32>> = s_rows.iter().map(|s| ctx.iter().chain(s).copied().collect()).collect();
         let (ts, tt) = (s_rows[0].len(), t_rows[0].len());
@@ -64,13 +65,16 @@ fn step<B: AutodiffBackend>(name: &str, device: &B::Device) {
         let out = backward_chunked(&div, &student, hs, &teacher, ht, &targets, targets.len(), 256);
         student = optim.step(1e-5, student, out.grads);
         let t_train = t1.elapsed().as_secs_f64();
+        let c_train = cpu_seconds() - c1;
         if round == 1 {
             let tokens = (b * new) as f64;
             println!(
-                "{{\"impl\":\"opsa\",\"backend\":\"{name}\",\"batch\":{b},\"prompt\":{plen},\"new\":{new},\"recompute\":{recompute},\"rollout_tok_s\":{:.1},\"train_tok_s\":{:.1},\"step_s\":{:.3}}}",
+                "{{\"impl\":\"opsa\",\"backend\":\"{name}\",\"batch\":{b},\"prompt\":{plen},\"new\":{new},\"recompute\":{recompute},\"rollout_tok_s\":{:.1},\"train_tok_s\":{:.1},\"step_s\":{:.3},\"rollout_cores\":{:.2},\"train_cores\":{:.2}}}",
                 tokens / t_roll,
                 tokens / t_train,
-                t_roll + t_train
+                t_roll + t_train,
+                c_roll / t_roll,
+                c_train / t_train
             );
         }
     }

@@ -69,3 +69,13 @@ pub fn reset_peak() {
 pub fn want(name: &str) -> bool {
     std::env::var("OPSA_BENCH_BACKENDS").map_or(true, |v| v.split(',').any(|b| b.trim() == name))
 }
+
+/// CPU time (user + system) of the whole process so far, in seconds; with wall time it says
+/// how many cores a phase kept busy. Linux `/proc/self/stat` in USER_HZ ticks (100 per second).
+pub fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
+    f.iter().sum::<u64>() as f64 / 100.0
+}

@@ -54,8 +54,12 @@ fn checked_size(a: usize, b: usize) -> usize {
 }
 
 /// Threshold for enabling parallelism (M*N*K operations).
-/// 192^3 = ~7M ops - balance between 128x128 (no parallel) and 256x256 (parallel)
-const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
+///
+/// opsa patch: was 192^3 (~7M), which kept every layer product of a decode step at batch 8
+/// (`[8, 512] x [512, 1536]`, 6.3M) on one core. gemm applies its own threshold per block
+/// (`gemm_common::gemm::DEFAULT_THREADING_THRESHOLD`, 48 * 48 * 256) and stays on one thread
+/// below it, so this only stops flex from overruling gemm.
+const PARALLEL_THRESHOLD: usize = 48 * 48 * 256;
 
 /// Threshold for batch-level parallelism (total ops across all batches).
 /// Use batch parallelism when individual matrices are small but total work is large.
