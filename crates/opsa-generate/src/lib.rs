@@ -19,7 +19,7 @@
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use opsa_models::decoder::Positions;
+use opsa_models::decoder::{DecodeHead, Positions};
 use opsa_models::{CausalLm, HfTokenizer, KvCache};
 
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +224,8 @@ pub fn generate<B: Backend>(
     let mut rngs: Vec<SplitMix64> = row_index.iter().map(|&i| SplitMix64::for_row(params.seed, i)).collect();
 
     // 1–2. Left-padded prefill into a cache sized for the whole job.
-    let (mut logits, mut cache, mut key_valid) = prefill(model, prompts, max_new);
+    let head = model.decode_head(n, max_new);
+    let (mut logits, mut cache, mut key_valid) = prefill(model, &head, prompts, max_new);
     let mut next_pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
 
     // `active[slot]` = index into `out` of the row in batch slot `slot`.
@@ -283,7 +284,7 @@ pub fn generate<B: Backend>(
         }
         let pos = Positions::with_cache(&key_valid, &step_pos, cache.len);
         let hidden = model.forward_hidden(int_tensor(last, [b, 1], &device), &pos, Some(&mut cache));
-        logits = model.logits(hidden).reshape([b, cfg.vocab_size]);
+        logits = model.decode_logits(&head, hidden).reshape([b, cfg.vocab_size]);
     }
 
     if let Some(tok) = tokenizer {
@@ -330,7 +331,7 @@ fn validate_sequences<B: Backend>(model: &CausalLm<B>, seqs: &[Vec<u32>], name: 
 /// cache with room for `extra` more positions.
 ///
 /// Returns the last position's logits `[n, vocab]` (f32), the cache and the key-validity flags.
-fn prefill<B: Backend>(model: &CausalLm<B>, prompts: &[Vec<u32>], extra: usize) -> (Tensor<B, 2>, KvCache<B>, Vec<Vec<bool>>) {
+fn prefill<B: Backend>(model: &CausalLm<B>, head: &DecodeHead<B>, prompts: &[Vec<u32>], extra: usize) -> (Tensor<B, 2>, KvCache<B>, Vec<Vec<bool>>) {
     let device = model.device();
     let (n, longest) = (prompts.len(), prompts.iter().map(Vec::len).max().unwrap_or(1));
     let pad_id = 0i64;
@@ -346,7 +347,7 @@ fn prefill<B: Backend>(model: &CausalLm<B>, prompts: &[Vec<u32>], extra: usize) 
     let mut cache = KvCache::new(&model.config, n, longest + extra, model.dtype(), &device);
     let pos = Positions::with_cache(&key_valid, &positions, 0);
     let hidden = model.forward_hidden(int_tensor(ids, [n, longest], &device), &pos, Some(&mut cache));
-    let logits = model.logits(hidden.narrow(1, longest - 1, 1)).reshape([n, model.config.vocab_size]);
+    let logits = model.decode_logits(head, hidden.narrow(1, longest - 1, 1)).reshape([n, model.config.vocab_size]);
     (logits, cache, key_valid)
 }
 
@@ -357,7 +358,7 @@ pub fn next_token_logprobs<B: Backend>(model: &CausalLm<B>, prompts: &[Vec<u32>]
     if prompts.is_empty() {
         return Ok(vec![]);
     }
-    let (logits, _, _) = prefill(model, prompts, 0);
+    let (logits, _, _) = prefill(model, &model.decode_head(0, 0), prompts, 0);
     let n = prompts.len();
     let idx = int_tensor::<B, 2>(
         (0..n).flat_map(|_| candidates.iter().map(|&c| c as i64)).collect(),
