@@ -148,6 +148,31 @@ fn random(n: usize, seed: u64, scale: f64) -> Vec<f64> {
 }
 
 #[test]
+fn blockwise_top_k_picks_what_a_full_sort_picks() {
+    type B = NdArray;
+    let device = Default::default();
+    // Vocabularies that split into whole blocks and ones that leave a padded last block; k from
+    // 1 to more than the vocabulary; the largest entries bunched in one block, and spread.
+    for (n, v, k) in [(4, 32768, 64), (3, 1000, 64), (5, 997, 7), (2, 50, 5), (3, 40, 1), (2, 9, 20)] {
+        let mut x = random(n * v, (v * 31 + k) as u64, 10.0);
+        for j in 0..k.min(v) {
+            x[v / 3 + j] = 20.0 + j as f64; // row 0: its top entries all in a run of k columns
+        }
+        let logits = Tensor::<B, 2>::from_data(TensorData::new(x.iter().map(|&f| f as f32).collect::<Vec<_>>(), [n, v]), &device);
+        let want: Vec<i64> = logits.clone().topk_with_indices(k.min(v), 1).1.into_data().convert::<i64>().to_vec().unwrap();
+        let got: Vec<i64> = opsa_distill::top_k_indices(logits, k).into_data().convert::<i64>().to_vec().unwrap();
+        assert_eq!(got, want, "n {n}, v {v}, k {k}");
+    }
+    // Rows with fewer than k entries above −∞ still give in-range columns, the finite ones first.
+    let mut x = vec![f32::NEG_INFINITY; 2 * 100];
+    x[7] = 1.0;
+    x[100 + 42] = 2.0;
+    let got: Vec<i64> = opsa_distill::top_k_indices(Tensor::<B, 2>::from_data(TensorData::new(x, [2, 100]), &device), 8).into_data().convert::<i64>().to_vec().unwrap();
+    assert_eq!((got[0], got[8]), (7, 42));
+    assert!(got.iter().all(|&c| (0..100).contains(&c)), "{got:?}");
+}
+
+#[test]
 fn divergence_of_a_distribution_with_itself_is_zero_and_otherwise_positive() {
     let (n, v) = (6, 17);
     let s = random(n * v, 1, 4.0);

@@ -14,6 +14,6 @@ pub mod context;
 pub mod divergence;
 
 pub use chunked::{backward_chunked, backward_objective, loss_unchunked, token_logprobs, DistillGrads, Objective, Targets};
-pub use divergence::{cross_entropy, ppo_clip, token_mean, Divergence, DivergenceKind, PerToken};
+pub use divergence::{cross_entropy, ppo_clip, token_mean, top_k_indices, Divergence, DivergenceKind, PerToken};
 pub use context::{Contexts, Label, Pair, Placement};
 pub use analysis::response_divergence;

@@ -183,6 +183,16 @@ pub fn memory_plan(cfg: &TrainConfig, prompt_tokens: usize) -> Result<MemoryPlan
             note: format!("{} rows × {} positions", rb, prompt_tokens + cfg.rollout.max_new_tokens),
         });
         rollout.push(Item { what: "rollout logits", bytes: rb * v * 4 * 4, note: "one position per row, f32".into() });
+        if c.tie_word_embeddings
+            && opsa_models::decoder::DECODE_HEAD_ROWS.contains(&cfg.rollout.batch_size)
+            && cfg.rollout.max_new_tokens >= opsa_models::decoder::DECODE_HEAD_MIN_STEPS
+        {
+            rollout.push(Item {
+                what: "tied head, contiguous copy",
+                bytes: v * h * cb,
+                note: "the embedding transposed once per generation (faster decoding)".into(),
+            });
+        }
     }
 
     let accumulating = cfg.train.micro_batch_size < cfg.train.batch_size * cfg.rollout.n.max(1);
