@@ -153,9 +153,9 @@ impl Divergence {
 /// The row is cut into blocks of `≈ √(v / k)` columns. Each of the row's k largest entries lies
 /// in one of the k blocks with the largest maxima (a block outside them is beaten by k block
 /// maxima at least as large as any of its entries), so only the block maxima and those k blocks
-/// are sorted: for OPSA's k = 64 over 32,768 ids, 1,024 + 2,048 entries per row instead of
-/// 32,768 (the full sort was a tenth of a training pass on flex). Exactly equal values may come
-/// out in another order than a full sort gives.
+/// are sorted: for OPSA's k = 64 over 32,768 ids (blocks of 23), 1,425 block maxima and 1,472
+/// candidates per row instead of 32,768 entries (the full sort was a tenth of a training pass on
+/// flex). Exactly equal values may come out in another order than a full sort gives.
 ///
 /// # Shapes
 /// - logits: `[n, v]` → `[n, min(k, v)]`

@@ -10,7 +10,10 @@
 use alloc::vec::Vec;
 
 /// Fewest elements for which a loop is split: below it rayon's wake-up (a few µs) costs more
-/// than a second core saves on a memory-bound add.
+/// than a second core saves on a memory-bound add. Lower than flex's own
+/// `ops::PARALLEL_THRESHOLD` (256K, for per-row loops such as softmax) on purpose: an
+/// element-wise chunk is the whole task, with nothing per row to amortise. 64K is what the
+/// benchmarks in docs/benchmarks.md ran with; 256K was not measured against it.
 pub(crate) const PAR_MIN: usize = 1 << 16;
 
 /// Elements per rayon task.
