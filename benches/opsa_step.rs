@@ -61,20 +61,27 @@ fn step<B: AutodiffBackend>(name: &str, device: &B::Device) {
             }
         }
         let ht = teacher.forward_hidden(ids::<B::InnerBackend>(&t_rows, device), &Positions::causal(b, tt), None);
+        let t_teacher = t1.elapsed().as_secs_f64();
         let hs = student.forward_trunk(ids::<B>(&s_rows, device), &Positions::causal(b, ts), recompute);
+        let t_student = t1.elapsed().as_secs_f64();
         let out = backward_chunked(&div, &student, hs, &teacher, ht, &targets, targets.len(), 256);
+        let t_backward = t1.elapsed().as_secs_f64();
         student = optim.step(1e-5, student, out.grads);
         let t_train = t1.elapsed().as_secs_f64();
         let c_train = cpu_seconds() - c1;
         if round == 1 {
             let tokens = (b * new) as f64;
             println!(
-                "{{\"impl\":\"opsa\",\"backend\":\"{name}\",\"batch\":{b},\"prompt\":{plen},\"new\":{new},\"recompute\":{recompute},\"rollout_tok_s\":{:.1},\"train_tok_s\":{:.1},\"step_s\":{:.3},\"rollout_cores\":{:.2},\"train_cores\":{:.2}}}",
+                "{{\"impl\":\"opsa\",\"backend\":\"{name}\",\"batch\":{b},\"prompt\":{plen},\"new\":{new},\"recompute\":{recompute},\"rollout_tok_s\":{:.1},\"train_tok_s\":{:.1},\"step_s\":{:.3},\"rollout_cores\":{:.2},\"train_cores\":{:.2},\"phases_s\":{{\"teacher_forward\":{:.3},\"student_forward\":{:.3},\"loss_backward\":{:.3},\"optimizer\":{:.3}}}}}",
                 tokens / t_roll,
                 tokens / t_train,
                 t_roll + t_train,
                 c_roll / t_roll,
-                c_train / t_train
+                c_train / t_train,
+                t_teacher,
+                t_student - t_teacher,
+                t_backward - t_student,
+                t_train - t_backward
             );
         }
     }

@@ -47,7 +47,9 @@ def main():
         tseqs = torch.cat([ctx.expand(b, -1), seqs], dim=1)
         with torch.no_grad():
             tl = teacher(tseqs).logits[:, 16 + plen - 1:-1].float()
+        t_teacher = time.perf_counter() - t1
         sl = student(seqs).logits[:, plen - 1:-1].float()
+        t_student = time.perf_counter() - t1
         idx = tl.topk(64, dim=-1).indices
         lt = F.log_softmax(tl.gather(-1, idx), -1)
         ls = F.log_softmax(sl.gather(-1, idx), -1)
@@ -55,13 +57,16 @@ def main():
         rev = (ls.exp() * (ls - lt)).sum(-1)
         loss = (0.5 * fwd + 0.5 * rev).mean()
         loss.backward()
+        t_backward = time.perf_counter() - t1
         opt.step()
         opt.zero_grad()
         t_train = time.perf_counter() - t1
         if rnd == 1:
             tokens = b * new
             print(json.dumps({"impl": "pytorch", "batch": b, "prompt": plen, "new": new, "rollout_tok_s": round(tokens / t_roll, 1),
-                              "train_tok_s": round(tokens / t_train, 1), "step_s": round(t_roll + t_train, 3)}), flush=True)
+                              "train_tok_s": round(tokens / t_train, 1), "step_s": round(t_roll + t_train, 3),
+                              "phases_s": {"teacher_forward": round(t_teacher, 3), "student_forward_logits": round(t_student - t_teacher, 3),
+                                           "loss_backward": round(t_backward - t_student, 3), "optimizer": round(t_train - t_backward, 3)}}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-//! The process's memory allocator: mimalloc, built without transparent huge pages and holding
-//! freed memory for a second before it goes back to the operating system.
+//! The process's memory allocator: mimalloc, built without transparent huge pages and keeping
+//! freed memory for reuse instead of returning it to the operating system.
 //!
 //! Every tensor operation on the CPU backends allocates its output, and one training step of a
 //! 42M-parameter model allocates and frees buffers of megabytes thousands of times. With glibc's
@@ -12,6 +12,13 @@
 //! glibc). Without huge pages (the crate's `no_thp` feature) and with a 1 s purge delay (mimalloc
 //! waits ten times that for its arenas) it ran at 141; see docs/benchmarks.md.
 //!
+//! A delay is still too short for an on-policy loop: generation runs for seconds (minutes at
+//! real sizes) between two training passes, so the training pass's buffers were returned during
+//! generation and faulted in again in every pass (a tenth of the pass in the kernel; training
+//! pass median 204 → 227 tokens/s, five alternating runs each, with memory never returned). So
+//! freed memory is kept: the process stays at its peak resident size, which the memory plan
+//! (`opsa train --plan`) has to budget for anyway.
+//!
 //! `MIMALLOC_PURGE_DELAY` in the environment (milliseconds; `-1`: never) overrides the delay.
 //!
 //! Included by the binary and by the benchmarks (`#[path]`); the libraries leave the choice of
@@ -23,10 +30,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `mi_option_purge_delay` in mimalloc's `mi_option_e` (mimalloc.h; 15 in both v2 and v3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Call first thing in `main`: keep freed memory for 1 s unless the environment says otherwise.
+/// Call first thing in `main`: keep freed memory (never purge) unless the environment says
+/// otherwise.
 pub fn configure() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets one integer option; mimalloc reads it when it next purges.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) }
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
     }
 }

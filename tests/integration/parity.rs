@@ -186,3 +186,54 @@ fn bf16_logits_stay_close_to_the_f32_reference() {
         assert!(d < 0.1, "{name}: bf16 logits differ from the f32 reference by {d}");
     }
 }
+
+/// The vendored flex's element-wise ops on strided and broadcast layouts (`swap_dims` views, a
+/// mask broadcast over the heads, per-row scalars; `vendor/burn-flex/src/ops/strided.rs`) give
+/// what a plain loop over the logical indices gives, in f32 and bf16, below and above the size
+/// at which they split over threads. Small integers, so every result is exact in both dtypes.
+#[cfg(feature = "flex")]
+#[test]
+fn flex_strided_elementwise_ops_equal_plain_loops() {
+    use burn::tensor::DType;
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    for (b, t, h, d) in [(2usize, 3usize, 4usize, 5usize), (2, 9, 8, 600)] {
+        // x: [b, t, h, d] row-major; its view v = x.swap_dims(1, 2) is [b, h, t, d].
+        let xs: Vec<f32> = (0..b * t * h * d).map(|i| ((i * 7) % 61) as f32).collect();
+        // m: [b, 1, t, d] (broadcast over h); s: [b, h, t, 1] (one scalar per row).
+        let ms: Vec<f32> = (0..b * t * d).map(|i| ((i * 5) % 37) as f32).collect();
+        let ss: Vec<f32> = (0..b * h * t).map(|i| (i % 3 + 1) as f32).collect();
+        let xi = |bi: usize, hi: usize, ti: usize, di: usize| xs[((bi * t + ti) * h + hi) * d + di];
+        let mut want_add = Vec::new();
+        let mut want_mul = Vec::new();
+        let mut want_sub = Vec::new();
+        let mut want_copy = Vec::new();
+        for bi in 0..b {
+            for hi in 0..h {
+                for ti in 0..t {
+                    for di in 0..d {
+                        let x = xi(bi, hi, ti, di);
+                        want_add.push(x + ms[(bi * t + ti) * d + di]);
+                        want_mul.push(x * ss[(bi * h + hi) * t + ti]);
+                        want_sub.push(ms[(bi * t + ti) * d + di] - 2.0 * x);
+                        want_copy.push(x);
+                    }
+                }
+            }
+        }
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Tensor::<F, 4>::from_data(TensorData::new(xs.clone(), [b, t, h, d]), (&device, dtype));
+            let m = Tensor::<F, 4>::from_data(TensorData::new(ms.clone(), [b, 1, t, d]), (&device, dtype));
+            let s = Tensor::<F, 4>::from_data(TensorData::new(ss.clone(), [b, h, t, 1]), (&device, dtype));
+            let v = x.swap_dims(1, 2); // [b, h, t, d], strided
+            let host = |y: Tensor<F, 4>| y.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+            assert_eq!(host(v.clone() + m.clone()), want_add, "{dtype:?} [{b}, {h}, {t}, {d}]: strided + broadcast over heads");
+            assert_eq!(host(v.clone() * s.clone()), want_mul, "{dtype:?}: strided × per-row scalar");
+            assert_eq!(host(m.clone() - v.clone().mul_scalar(2.0)), want_sub, "{dtype:?}: broadcast − strided × scalar");
+            assert_eq!(host(v.clone().reshape([b * h, t * d]).reshape([b, h, t, d])), want_copy, "{dtype:?}: strided view made contiguous");
+            // The broadcast mask as the scores use it: [b, h, t·d] + [b, 1, t·d].
+            let flat = v.clone().reshape([b, h, t * d]) + m.clone().reshape([b, 1, t * d]);
+            assert_eq!(host(flat.reshape([b, h, t, d])), want_add, "{dtype:?}: [b, h, n] + [b, 1, n]");
+        }
+    }
+}

@@ -386,6 +386,10 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
+        } else if let Some(v) = crate::ops::strided::unary(src, &self.layout, |x| x) {
+            // opsa patch: ND layouts (e.g. a `[b, t, heads, d]` view after `swap_dims`) one
+            // innermost row at a time over rayon's pool, not one index computation per element.
+            dst = v;
         } else {
             // General fallback: covers negative strides (flipped
             // tensors) and ND layouts that can't collapse to ≤2D.

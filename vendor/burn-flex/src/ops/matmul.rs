@@ -265,8 +265,9 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
     let rhs_ptr = unsafe { rhs_data.as_ptr().add(rhs.layout().start_offset()) };
 
     let out_shape = Shape::from(vec![m, n]);
-    let mut output = FlexTensor::empty(out_shape, T::dtype());
-    let out_data: &mut [T] = output.storage_mut();
+    // opsa patch: gemm overwrites every element of its output (`read_dst = false`, also for
+    // k = 0), so the output is allocated without being zeroed first.
+    let mut out_data: Vec<T> = Vec::with_capacity(m * n);
 
     let parallelism = get_parallelism(m, n, k);
 
@@ -286,9 +287,11 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
             rhs_row_stride,
             parallelism,
         );
+        // SAFETY: gemm wrote all m·n elements.
+        out_data.set_len(m * n);
     }
 
-    output
+    FlexTensor::new(Bytes::from_elems(out_data), Layout::contiguous(out_shape), T::dtype())
 }
 
 /// Strided gemm call for one matrix. Wraps `gemm::gemm` with GemmScalar zero/one.
@@ -368,13 +371,16 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
     out_dims.push(n);
     let out_shape = Shape::from(out_dims);
 
-    let mut output = FlexTensor::empty(out_shape, T::dtype());
+    // opsa patch: every batch's gemm overwrites its whole output (`read_dst = false`), so the
+    // output is allocated without being zeroed first; `out_data` holds its uninitialised slots.
+    let out_len = batch_size * out_matrix_size;
+    let mut out_vec: Vec<T> = Vec::with_capacity(out_len);
 
     let lhs_data: &[T] = lhs.storage();
     let rhs_data: &[T] = rhs.storage();
     let lhs_start = lhs.layout().start_offset() as isize;
     let rhs_start = rhs.layout().start_offset() as isize;
-    let out_data: &mut [T] = output.storage_mut();
+    let out_data = &mut out_vec.spare_capacity_mut()[..out_len];
 
     let per_matrix_ops = m.saturating_mul(n).saturating_mul(k);
 
@@ -413,7 +419,7 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
         if per_matrix_ops >= PARALLEL_THRESHOLD && !prefer_batch_parallel {
             let parallelism = gemm::Parallelism::Rayon(0);
             for b in 0..batch_size {
-                run_one(out_data[b * out_matrix_size..].as_mut_ptr(), b, parallelism);
+                run_one(out_data[b * out_matrix_size..].as_mut_ptr().cast::<T>(), b, parallelism);
             }
         } else if total_ops >= BATCH_PARALLEL_THRESHOLD && batch_size > 1 {
             use rayon::prelude::*;
@@ -422,12 +428,12 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
                 .par_chunks_mut(out_matrix_size)
                 .enumerate()
                 .for_each(|(b, out_chunk)| {
-                    run_one(out_chunk.as_mut_ptr(), b, gemm::Parallelism::None);
+                    run_one(out_chunk.as_mut_ptr().cast::<T>(), b, gemm::Parallelism::None);
                 });
         } else {
             for b in 0..batch_size {
                 run_one(
-                    out_data[b * out_matrix_size..].as_mut_ptr(),
+                    out_data[b * out_matrix_size..].as_mut_ptr().cast::<T>(),
                     b,
                     gemm::Parallelism::None,
                 );
@@ -440,14 +446,16 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
         let _ = per_matrix_ops;
         for b in 0..batch_size {
             run_one(
-                out_data[b * out_matrix_size..].as_mut_ptr(),
+                out_data[b * out_matrix_size..].as_mut_ptr().cast::<T>(),
                 b,
                 gemm::Parallelism::None,
             );
         }
     }
 
-    output
+    // SAFETY: each batch's gemm wrote its m·n elements, and the batches tile the output.
+    unsafe { out_vec.set_len(out_len) };
+    FlexTensor::new(Bytes::from_elems(out_vec), Layout::contiguous(out_shape), T::dtype())
 }
 
 // ============================================================================

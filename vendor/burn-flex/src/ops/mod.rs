@@ -112,6 +112,7 @@ pub mod mask;
 pub mod matmul;
 mod module;
 mod par;
+pub(crate) mod strided; // opsa patch
 pub mod pool;
 mod qtensor;
 pub mod reduce;

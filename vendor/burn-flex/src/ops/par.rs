@@ -17,7 +17,7 @@ use alloc::vec::Vec;
 pub(crate) const PAR_MIN: usize = 1 << 16;
 
 /// Elements per rayon task.
-const PAR_CHUNK: usize = 1 << 14;
+pub(crate) const PAR_CHUNK: usize = 1 << 14;
 
 /// `f(chunk)` over consecutive chunks of `dst`.
 #[inline]
