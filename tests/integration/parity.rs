@@ -236,4 +236,11 @@ fn flex_strided_elementwise_ops_equal_plain_loops() {
             assert_eq!(host(flat.reshape([b, h, t, d])), want_add, "{dtype:?}: [b, h, n] + [b, 1, n]");
         }
     }
+    // Empty strided views (a zero-sized innermost dimension has no rows to walk).
+    let e = Tensor::<F, 4>::zeros([2, 3, 4, 0], &device).swap_dims(1, 2);
+    let m = Tensor::<F, 4>::zeros([2, 1, 3, 0], &device);
+    assert_eq!((e.clone() + m).dims(), [2, 4, 3, 0]);
+    let doubled = e.mul_scalar(2.0);
+    assert_eq!(doubled.dims(), [2, 4, 3, 0]);
+    assert!(doubled.into_data().convert::<f32>().to_vec::<f32>().unwrap().is_empty());
 }

@@ -130,6 +130,9 @@ where
 {
     let w = Walk::<2>::new(shape, [l, r])?;
     let n: usize = shape.iter().product();
+    if n == 0 {
+        return Some(Vec::new());
+    }
     let len = w.row_len();
     let (ls, rs) = (w.row_stride(0), w.row_stride(1));
     Some(filled(n, |dst| {
@@ -179,6 +182,9 @@ where
     let shape = layout.shape();
     let w = Walk::<1>::new(shape, [layout])?;
     let n: usize = shape.iter().product();
+    if n == 0 {
+        return Some(Vec::new());
+    }
     let len = w.row_len();
     let s = w.row_stride(0);
     Some(filled(n, |dst| {
