@@ -374,40 +374,28 @@ where
     let dtype = lhs.dtype();
     let lhs_storage: &[E] = lhs.storage();
 
-    // opsa patch: strided and broadcast layouts one innermost row at a time, over rayon's
-    // pool (bit-identical to the per-element walks below, which stay for ranks above 8).
-    let both_contiguous = lhs.layout().contiguous_offsets().is_some() && rhs.layout().contiguous_offsets().is_some();
-    let rows = match both_contiguous {
-        true => None,
-        false => crate::ops::strided::binary(lhs.layout().shape(), lhs_storage, lhs.layout(), rhs_storage, rhs.layout(), &op),
-    };
-    let result: Vec<E> = if let Some(v) = rows {
-        v
-    } else {
-        match (
-            lhs.layout().contiguous_offsets(),
-            rhs.layout().contiguous_offsets(),
-        ) {
-            // Both contiguous (but lhs not at offset 0)
-            (Some((l_start, l_end)), Some((r_start, r_end))) => {
-                let l_slice = &lhs_storage[l_start..l_end];
-                let r_slice = &rhs_storage[r_start..r_end];
-                crate::ops::par::zip_map(l_slice, r_slice, &op) // opsa patch
-            }
-            // Fast path for 2D non-contiguous (common for transpose)
-            _ if lhs.layout().num_dims() == 2 => {
-                apply_2d_strided(lhs_storage, rhs_storage, lhs.layout(), rhs.layout(), op)
-            }
-            // General fallback
-            _ => {
+    let result: Vec<E> = match (
+        lhs.layout().contiguous_offsets(),
+        rhs.layout().contiguous_offsets(),
+    ) {
+        // Both contiguous (but lhs not at offset 0)
+        (Some((l_start, l_end)), Some((r_start, r_end))) => {
+            let l_slice = &lhs_storage[l_start..l_end];
+            let r_slice = &rhs_storage[r_start..r_end];
+            crate::ops::par::zip_map(l_slice, r_slice, &op) // opsa patch
+        }
+        // opsa patch: strided and broadcast layouts (2-D transposes included) one innermost row
+        // at a time over rayon's pool, bit-identical to the per-element walk kept for ranks
+        // above 8.
+        _ => crate::ops::strided::binary(lhs.layout().shape(), lhs_storage, lhs.layout(), rhs_storage, rhs.layout(), &op)
+            .unwrap_or_else(|| {
                 let lhs_iter = StridedIter::new(lhs.layout());
                 let rhs_iter = StridedIter::new(rhs.layout());
                 lhs_iter
                     .zip(rhs_iter)
                     .map(|(li, ri)| op(lhs_storage[li], rhs_storage[ri]))
                     .collect()
-            }
-        }
+            }),
     };
 
     make_tensor(result, shape, dtype)

@@ -11,7 +11,7 @@
 //! LLVM vectorises) with the outer offsets computed once per row. Rows are split over rayon's
 //! pool like `par.rs` does. Each element is computed by the same `op` on the same inputs, so
 //! results are bit-identical to the `StridedIter` loops they replace. Tested from opsa's
-//! integration tests (`tests/integration/parity.rs`, against ndarray): this crate's own tests
+//! integration tests (`tests/integration/parity.rs`, against plain loops over the logical indices): this crate's own tests
 //! need `realfft`, which the vendored copy leaves out.
 
 use alloc::vec::Vec;
@@ -23,8 +23,9 @@ use crate::layout::Layout;
 const MAX_RANK: usize = 8;
 
 /// A shape walked by `N` operands with their own strides: size-1 dimensions dropped, adjacent
-/// dimensions merged where every operand is contiguous across them. The last dimension is the
-/// row; `outer[..rank - 1]` are walked per row.
+/// dimensions merged where every operand is contiguous across them (the multi-operand form of
+/// `tensor.rs`'s `collapse_for_copy`). The last of the `rank` dimensions is the row; the ones
+/// before it are walked once per row.
 struct Walk<const N: usize> {
     rank: usize,
     shape: [usize; MAX_RANK],
