@@ -244,3 +244,98 @@ fn flex_strided_elementwise_ops_equal_plain_loops() {
     assert_eq!(doubled.dims(), [2, 4, 3, 0]);
     assert!(doubled.into_data().convert::<f32>().to_vec::<f32>().unwrap().is_empty());
 }
+
+/// flex's `slice_assign` (the KV cache, the backward of `slice`), `select_add` and
+/// `scatter_add` (the backward of `select` and `gather`) write into the tensor's own buffer
+/// when no one else holds it (`vendor/burn-flex`, patch 6). Checked against plain loops
+/// (repeated indices; 2-D on both dims and 3-D), on a fresh tensor and on one whose buffer is
+/// shared: the sharer must keep its values.
+#[cfg(feature = "flex")]
+#[test]
+fn flex_in_place_writes_equal_plain_loops_and_leave_shared_buffers_alone() {
+    use burn::tensor::IndexingUpdateOp::Add;
+    type F = burn::backend::Flex;
+    let device = Default::default();
+    let host = |y: Tensor<F, 3>| y.into_data().to_vec::<f32>().unwrap();
+    let (a, b, c) = (4usize, 5usize, 3usize);
+    let base: Vec<f32> = (0..a * b * c).map(|i| (i % 7) as f32).collect();
+    let at = |i: usize, j: usize, k: usize| (i * b + j) * c + k;
+    // slice_assign of [a, 2, c] at [.., 1..3, ..], as the KV cache writes positions.
+    let vals: Vec<f32> = (0..a * 2 * c).map(|i| 100.0 + i as f32).collect();
+    let mut want = base.clone();
+    for i in 0..a {
+        for j in 0..2 {
+            for k in 0..c {
+                want[at(i, 1 + j, k)] = vals[(i * 2 + j) * c + k];
+            }
+        }
+    }
+    for shared in [false, true] {
+        let t = Tensor::<F, 3>::from_data(TensorData::new(base.clone(), [a, b, c]), &device);
+        let keep = shared.then(|| t.clone());
+        let v = Tensor::<F, 3>::from_data(TensorData::new(vals.clone(), [a, 2, c]), &device);
+        assert_eq!(host(t.slice_assign([0..a, 1..3, 0..c], v)), want, "slice_assign, shared buffer: {shared}");
+        if let Some(keep) = keep {
+            assert_eq!(host(keep), base, "slice_assign: the sharer's values changed");
+        }
+    }
+    let ids = [3usize, 0, 3, 1, 3]; // repeated: their values must all be added
+    for dim in 0..3 {
+        let n = [a, b, c][dim];
+        let ids: Vec<usize> = ids.iter().map(|&i| i % n).collect();
+        let mut vshape = [a, b, c];
+        vshape[dim] = ids.len();
+        let vals: Vec<f32> = (0..vshape.iter().product::<usize>()).map(|i| (i % 5 + 1) as f32).collect();
+        // select_add: out[.., ids[m], ..] += vals[.., m, ..].
+        let mut want = base.clone();
+        for i in 0..vshape[0] {
+            for j in 0..vshape[1] {
+                for k in 0..vshape[2] {
+                    let mut dst = [i, j, k];
+                    dst[dim] = ids[dst[dim]];
+                    want[at(dst[0], dst[1], dst[2])] += vals[(i * vshape[1] + j) * vshape[2] + k];
+                }
+            }
+        }
+        let idx = Tensor::<F, 1, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [ids.len()]), &device);
+        let v = Tensor::<F, 3>::from_data(TensorData::new(vals.clone(), vshape), &device);
+        let fresh = Tensor::<F, 3>::from_data(TensorData::new(base.clone(), [a, b, c]), &device);
+        assert_eq!(host(fresh.select_assign(dim, idx.clone(), v.clone(), Add)), want, "select_add, dim {dim}, owned buffer");
+        let shared = Tensor::<F, 3>::from_data(TensorData::new(base.clone(), [a, b, c]), &device);
+        let keep = shared.clone();
+        assert_eq!(host(shared.select_assign(dim, idx, v, Add)), want, "select_add, dim {dim}, shared buffer");
+        assert_eq!(host(keep.clone()), base, "select_add, dim {dim}: the sharer's values changed");
+        // 2-D: the same over [a, b·c] (dim 0) and [a·b, c] (dim 1).
+        if dim != 1 {
+            let (rows, cols) = if dim == 0 { (a, b * c) } else { (a * b, c) };
+            let t2 = keep.clone().reshape([rows, cols]);
+            let keep2 = t2.clone();
+            let v2 = Tensor::<F, 3>::from_data(TensorData::new(vals.clone(), vshape), &device).reshape(if dim == 0 { [ids.len(), cols] } else { [rows, ids.len()] });
+            let idx = Tensor::<F, 1, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [ids.len()]), &device);
+            let got = t2.select_assign(if dim == 0 { 0 } else { 1 }, idx, v2, Add).reshape([a, b, c]);
+            assert_eq!(host(got), want, "select_add 2-D, dim {dim}");
+            assert_eq!(host(keep2.reshape([a, b, c])), base, "select_add 2-D, dim {dim}: the sharer's values changed");
+        }
+        // scatter_add: out[.., idx[i, j, k], ..] += vals[i, j, k] with idx shaped like vals.
+        let sidx: Vec<usize> = (0..vals.len()).map(|i| (i * 3 + 1) % n).collect();
+        let mut want = base.clone();
+        for i in 0..vshape[0] {
+            for j in 0..vshape[1] {
+                for k in 0..vshape[2] {
+                    let flat = (i * vshape[1] + j) * vshape[2] + k;
+                    let mut dst = [i, j, k];
+                    dst[dim] = sidx[flat];
+                    want[at(dst[0], dst[1], dst[2])] += vals[flat];
+                }
+            }
+        }
+        let sidx = Tensor::<F, 3, Int>::from_data(TensorData::new(sidx.iter().map(|&i| i as i64).collect::<Vec<_>>(), vshape), &device);
+        let v = Tensor::<F, 3>::from_data(TensorData::new(vals.clone(), vshape), &device);
+        let fresh = Tensor::<F, 3>::from_data(TensorData::new(base.clone(), [a, b, c]), &device);
+        assert_eq!(host(fresh.scatter(dim, sidx.clone(), v.clone(), Add)), want, "scatter_add, dim {dim}, owned buffer");
+        let shared = Tensor::<F, 3>::from_data(TensorData::new(base.clone(), [a, b, c]), &device);
+        let keep = shared.clone();
+        assert_eq!(host(shared.scatter(dim, sidx, v, Add)), want, "scatter_add, dim {dim}, shared buffer");
+        assert_eq!(host(keep), base, "scatter_add, dim {dim}: the sharer's values changed");
+    }
+}

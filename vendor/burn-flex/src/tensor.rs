@@ -296,6 +296,22 @@ impl FlexTensor {
         }
     }
 
+    /// opsa patch: [`Self::to_contiguous`] by value: `self` itself when its layout covers its
+    /// whole buffer contiguously (no second reference to the buffer is made), else a contiguous
+    /// copy. For ops that write through `storage_mut` (copy-on-write): in place when the buffer
+    /// is not shared. `let t = t.to_contiguous()` keeps the original alive beside the clone, so
+    /// the write always copied.
+    pub(crate) fn into_contiguous(self) -> Self {
+        if self.covers_buffer() { self } else { self.to_contiguous() }
+    }
+
+    /// opsa patch: `to_contiguous`'s fast-path test, shared with `into_contiguous`.
+    fn covers_buffer(&self) -> bool {
+        self.is_contiguous()
+            && self.layout.start_offset() == 0
+            && self.data.len() == self.layout.num_elements() * dtype_size(self.dtype)
+    }
+
     /// Copy to contiguous layout if needed.
     pub fn to_contiguous(&self) -> Self {
         // Fast path requires the logical tensor to cover the whole buffer.
@@ -303,10 +319,7 @@ impl FlexTensor {
         // canonical strides and offset 0 but an oversized buffer, and would
         // otherwise mislead callers that read `storage()` / `bytes()` by
         // length (e.g. the SIMD `mask_fill_*` kernels).
-        if self.is_contiguous()
-            && self.layout.start_offset() == 0
-            && self.data.len() == self.layout.num_elements() * dtype_size(self.dtype)
-        {
+        if self.covers_buffer() {
             return self.clone();
         }
 

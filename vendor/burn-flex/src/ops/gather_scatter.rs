@@ -368,7 +368,8 @@ pub fn scatter_add<E: Element + Pod + Default + Copy + core::ops::AddAssign + Se
     indices: FlexTensor,
     value: FlexTensor,
 ) -> FlexTensor {
-    let tensor = tensor.to_contiguous();
+    // opsa patch: added in place when `tensor` owns its buffer (see `into_contiguous`).
+    let mut tensor = tensor.into_contiguous();
     let indices = indices.to_contiguous();
     let value = value.to_contiguous();
 
@@ -401,11 +402,11 @@ pub fn scatter_add<E: Element + Pod + Default + Copy + core::ops::AddAssign + Se
         }
     }
 
-    let tensor_data: &[E] = tensor.storage();
     let indices_data = read_indices(&indices);
     let value_data: &[E] = value.storage();
 
-    let mut result: Vec<E> = tensor_data.to_vec();
+    // Copy-on-write: in place when `tensor` is the buffer's only owner.
+    let result: &mut [E] = tensor.storage_mut();
 
     let tensor_strides: Vec<usize> = compute_strides(&tensor_shape);
     let indices_strides: Vec<usize> = compute_strides(indices_shape);
@@ -415,7 +416,7 @@ pub fn scatter_add<E: Element + Pod + Default + Copy + core::ops::AddAssign + Se
     // Use specialized 2D implementation
     if ndims == 2 {
         scatter_add_2d(
-            &mut result,
+            result,
             &indices_data,
             value_data,
             tensor_shape[0],
@@ -443,8 +444,7 @@ pub fn scatter_add<E: Element + Pod + Default + Copy + core::ops::AddAssign + Se
         }
     }
 
-    let bytes = Bytes::from_elems(result);
-    FlexTensor::new(bytes, Layout::contiguous(tensor_shape), E::dtype())
+    tensor
 }
 
 /// Optimized 2D scatter_add implementation.
@@ -753,7 +753,8 @@ pub fn select_add<E: Element + Pod + Default + Copy + core::ops::AddAssign + Sen
     indices: FlexTensor,
     value: FlexTensor,
 ) -> FlexTensor {
-    let tensor = tensor.to_contiguous();
+    // opsa patch: added in place when `tensor` owns its buffer (see `into_contiguous`).
+    let mut tensor = tensor.into_contiguous();
     let indices = indices.to_contiguous();
     let value = value.to_contiguous();
 
@@ -773,7 +774,6 @@ pub fn select_add<E: Element + Pod + Default + Copy + core::ops::AddAssign + Sen
         "select_add: indices must be 1D"
     );
 
-    let tensor_data: &[E] = tensor.storage();
     let indices_data = read_indices(&indices);
     let value_data: &[E] = value.storage();
     let num_indices = indices_data.len();
@@ -795,12 +795,13 @@ pub fn select_add<E: Element + Pod + Default + Copy + core::ops::AddAssign + Sen
         }
     }
 
-    let mut result: Vec<E> = tensor_data.to_vec();
+    // Copy-on-write: in place when `tensor` is the buffer's only owner.
+    let result: &mut [E] = tensor.storage_mut();
 
     // Use optimized 2D implementation
     if ndims == 2 {
         select_add_2d(
-            &mut result,
+            result,
             &indices_data,
             value_data,
             tensor_shape[0],
@@ -808,8 +809,7 @@ pub fn select_add<E: Element + Pod + Default + Copy + core::ops::AddAssign + Sen
             num_indices,
             dim,
         );
-        let bytes = Bytes::from_elems(result);
-        return FlexTensor::new(bytes, Layout::contiguous(tensor_shape), E::dtype());
+        return tensor;
     }
 
     // General N-D case
@@ -833,8 +833,7 @@ pub fn select_add<E: Element + Pod + Default + Copy + core::ops::AddAssign + Sen
         result[dst_idx] += val;
     }
 
-    let bytes = Bytes::from_elems(result);
-    FlexTensor::new(bytes, Layout::contiguous(tensor_shape), E::dtype())
+    tensor
 }
 
 /// Optimized 2D select_add.

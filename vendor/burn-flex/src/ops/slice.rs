@@ -233,7 +233,10 @@ fn slice_write_impl<E: Element + bytemuck::Pod>(
     slices: &[Slice],
     source: WriteSource<'_, E>,
 ) -> FlexTensor {
-    let mut tensor = tensor.to_contiguous();
+    // opsa patch: written in place when `tensor` owns its buffer (see `into_contiguous`); the
+    // clone `to_contiguous` returned kept a second reference, so `storage_mut` copied the whole
+    // tensor on every call (a KV cache per layer per decoded token).
+    let mut tensor = tensor.into_contiguous();
     let dst_layout = tensor.layout().clone();
     let ndims = dst_layout.num_dims();
 
