@@ -663,6 +663,38 @@ impl<B: Backend> CausalLm<B> {
         logits.cast(FloatDType::F32)
     }
 
+    /// The logits of the vocabulary entries `cols` only, in f32: `logits(hidden)` gathered at
+    /// `cols`, up to float rounding (each is a dot product of the hidden state with one head
+    /// row, summed in f32 and rounded to the compute dtype as the dense product's output is).
+    ///
+    /// Why: a top-k divergence needs the student's logits at the teacher's top-k ids only.
+    /// Through the dense head its backward is two `[n, vocab]` products (the gradient of the
+    /// logits is zero outside the k ids); here forward and backward touch `n · k` head rows.
+    /// A head with a LoRA adapter or a bias takes the dense product and gathers.
+    ///
+    /// # Shapes
+    /// - hidden: `[n, hidden]`, cols: `[n, k]` vocabulary ids → `[n, k]` (f32)
+    pub fn logits_at(&self, hidden: Tensor<B, 2>, cols: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [n, k] = cols.dims();
+        let [_, d] = hidden.dims();
+        let dtype = hidden.dtype();
+        let ids = cols.clone().reshape([n * k]);
+        let rows = match &self.lm_head {
+            None => self.model.embed_tokens.weight.val().select(0, ids), // [n·k, hidden]
+            Some(head) if head.lora.is_none() && head.bias.is_none() => head.weight.val().select(1, ids).transpose(),
+            Some(_) => {
+                let vocab = self.config.vocab_size;
+                return self.logits(hidden.unsqueeze::<3>()).reshape([n, vocab]).gather(1, cols);
+            }
+        };
+        // Rows in the compute dtype (as the dense product reads them), then widened: the
+        // products of two bf16 numbers are exact in f32.
+        let rows = to_dtype(to_dtype(rows, dtype), DType::F32).reshape([n, k, d]);
+        let h = to_dtype(hidden, DType::F32).reshape([n, 1, d]);
+        let logits = (rows * h).sum_dim(2).reshape([n, k]); // [n, k]
+        to_dtype(to_dtype(logits, dtype), DType::F32)
+    }
+
     /// The head as generation uses it: for a tied head, the embedding's transposed view made
     /// contiguous (and cast to the compute dtype) once, when `rows` rows will be decoded for
     /// up to `steps` tokens and that pays.

@@ -253,6 +253,16 @@ fn chunked_gradients_equal_unchunked() {
             let full_loss = full.clone().into_scalar() as f64;
             let full_grads = GradientsParams::from_grads(full.backward(), &student);
             assert!((chunked.loss - full_loss).abs() < 1e-6, "{name}: loss {} vs {full_loss}", chunked.loss);
+            // The entropy metric: −Σ q log q of the student's full distribution at each target.
+            let vocab = student.config.vocab_size;
+            let rows: Vec<i64> = targets.student_rows.iter().map(|&r| r as i64).collect();
+            let logits = teacher.logits(hs().inner()).reshape([2 * 9, vocab]).select(0, Tensor::<_, 1, Int>::from_data(TensorData::new(rows, [10]), &dev));
+            let lq = burn::tensor::activation::log_softmax(logits, 1);
+            let want: Vec<f32> = (lq.clone().exp() * lq).sum_dim(1).neg().into_data().to_vec().unwrap();
+            assert_eq!(chunked.entropy.len(), want.len());
+            for (i, (a, b)) in chunked.entropy.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "{name} {div:?}: entropy at target {i}: {a} vs {b}");
+            }
             let mut a = Collect { grads: &chunked.grads, out: vec![] };
             student.visit(&mut a);
             let mut b = Collect { grads: &full_grads, out: vec![] };

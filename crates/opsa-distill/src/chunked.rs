@@ -10,20 +10,23 @@
 //! 2. `h` is detached into a leaf `h'`; for each chunk of response positions, the student head,
 //!    the teacher head and the divergence run on `h'[chunk]`, and that chunk's loss is
 //!    back-propagated at once, giving `∂L/∂h'[chunk]` and the head's gradient; the chunk's
-//!    `[chunk, vocab]` tensors are freed before the next chunk;
+//!    `[chunk, vocab]` tensors are freed before the next chunk. A top-k divergence (OPSA's)
+//!    differentiates the student's logits at the teacher's top-k ids only, computed from those
+//!    k head rows ([`CausalLm::logits_at`]), so no `[chunk, vocab]` product is back-propagated;
 //! 3. one more backward of `Σ h ⊙ sg(∂L/∂h')` through the trunk gives the trunk's gradients
 //!    ([`CausalLm::backward_trunk`], one layer at a time with recompute).
 //!
 //! Peak memory of the divergence is then `O(chunk · vocab)`, independent of the sequence length,
 //! and the gradients equal those of the unchunked loss ([`loss_unchunked`], tested).
 
+use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use opsa_models::{CausalLm, Trunk};
 
-use crate::divergence::{cross_entropy, ppo_clip, token_mean, Divergence, PerToken};
+use crate::divergence::{cross_entropy, ppo_clip, token_mean, top_k_indices, Divergence, PerToken};
 
 /// Which positions are distilled. Entry `i` describes one response token: the flat index
 /// (`row * t + position`) of the student position that predicts it, the teacher position that
@@ -83,6 +86,15 @@ fn head<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 2>, rows: &[usize]) -
     head_with(model, None, hidden, rows)
 }
 
+/// Logits of hidden states already selected.
+///
+/// # Shapes
+/// - hidden: `[c, hidden]` → `[c, vocab]` (f32)
+fn row_logits<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+    let c = hidden.dims()[0];
+    model.logits(hidden.unsqueeze::<3>()).reshape([c, model.config.vocab_size])
+}
+
 /// [`head`], with a tied head's weight given as `emb_t` `[hidden, vocab]` (see [`TiedLeaf`]).
 fn head_with<B: Backend>(model: &CausalLm<B>, emb_t: Option<&Tensor<B, 2>>, hidden: Tensor<B, 2>, rows: &[usize]) -> Tensor<B, 2> {
     let h = hidden.select(0, index::<B>(rows, &model.device())).unsqueeze::<3>();
@@ -140,6 +152,19 @@ impl<B: AutodiffBackend> TiedLeaf<B> {
     }
 }
 
+/// The entropy (nats) of each row's softmax, with one `exp` per entry: with `x` the logits
+/// less the row maximum, `e = exp(x)` and `Z = Σ e`, `H = log Z − Σ e·x / Z`.
+///
+/// # Shapes
+/// - logits: `[n, vocab]` → `[n]`
+fn row_entropy<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 1> {
+    let n = logits.dims()[0];
+    let x = logits.clone() - logits.max_dim(1); // [n, vocab]
+    let e = x.clone().exp();
+    let z = e.clone().sum_dim(1); // [n, 1]
+    (z.clone().log() - (e * x).sum_dim(1) / z).reshape([n])
+}
+
 /// `[b, t, hidden]` → `[b * t, hidden]`: rows indexed as in [`Targets`].
 fn flat<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 2> {
     let [b, t, d] = h.dims();
@@ -161,22 +186,46 @@ pub enum Objective<'a> {
     Ppo { advantages: &'a [f32], old_logprobs: &'a [f32], clip: f64 },
 }
 
-/// The per-token loss at `targets[range]`, with the student logits it was computed from.
-/// `value` is the divergence (Distill), the NLL (CrossEntropy) or the ratio ρ (Ppo).
+/// The per-token loss at `targets[range]`, with the student's logits there (`[c, vocab]`, no
+/// graph; for the entropy metric). `value` is the divergence (Distill), the NLL (CrossEntropy)
+/// or the ratio ρ (Ppo).
+///
+/// A top-k divergence takes the student's logits at the teacher's top-k ids only
+/// ([`CausalLm::logits_at`]), so the head's backward is `O(c · k · hidden)` instead of two
+/// `[c, vocab]` products; `inner` (the student without autodiff) then gives the metric's logits.
+#[allow(clippy::too_many_arguments)]
 fn per_token_range<B: AutodiffBackend>(
     obj: &Objective,
     student: &CausalLm<B>,
+    inner: Option<&CausalLm<B::InnerBackend>>,
     tied: Option<&Tensor<B, 2>>,
     hs: Tensor<B, 2>,
     teacher: Option<(&CausalLm<B::InnerBackend>, Tensor<B::InnerBackend, 2>)>,
     targets: &Targets,
     range: std::ops::Range<usize>,
-) -> (PerToken<B>, Tensor<B, 2>) {
+) -> (PerToken<B>, Tensor<B::InnerBackend, 2>) {
     let device = student.device();
     let c = range.len();
-    let s_logits = head_with(student, tied, hs, &targets.student_rows[range.clone()]); // [c, vocab]
+    let rows = &targets.student_rows[range.clone()];
     let tokens: Vec<usize> = targets.tokens[range.clone()].iter().map(|&x| x as usize).collect();
     let tokens = index::<B>(&tokens, &device);
+    if let (Objective::Distill(div), Some(inner)) = (obj, inner) {
+        if let Some(k) = div.top_k_support(student.config.vocab_size) {
+            let (t_model, ht) = teacher.expect("the distillation objective needs a teacher");
+            let t_h = ht.select(0, index::<B::InnerBackend>(&targets.teacher_rows[range], &device)); // [c, hidden]
+            let top = top_k_indices(row_logits(t_model, t_h.clone()), k); // [c, k]
+            // The teacher's values at those ids are computed as the student's are (not taken
+            // from its dense logits): a student equal to its teacher then gets exactly zero
+            // gradient, as through the dense head, instead of rounding noise that Adam would
+            // scale up to full steps.
+            let t_top = Tensor::<B, 2>::from_inner(t_model.logits_at(t_h, top.clone()));
+            let h = hs.select(0, index::<B>(rows, &device)); // [c, hidden]
+            let s_logits = row_logits(inner, h.clone().inner()); // [c, vocab], no graph
+            let s_top = student.logits_at(h, Tensor::from_inner(top)); // [c, k]
+            return (div.per_token(s_top, t_top, tokens), s_logits);
+        }
+    }
+    let s_logits = head_with(student, tied, hs, rows); // [c, vocab]
     let pt = match obj {
         Objective::Distill(div) => {
             let (t_model, ht) = teacher.expect("the distillation objective needs a teacher");
@@ -189,7 +238,7 @@ fn per_token_range<B: AutodiffBackend>(
             ppo_clip(s_logits.clone(), tokens, host_vec(old_logprobs), host_vec(advantages), *clip)
         }
     };
-    (pt, s_logits)
+    (pt, s_logits.inner())
 }
 
 /// Chunked loss and gradients of a divergence (see the module docs).
@@ -228,18 +277,19 @@ pub fn backward_objective<B: AutodiffBackend>(
     // 2. A leaf cut at the hidden states: chunks back-propagate into it and into the head only.
     let mut grad_h: Tensor<B::InnerBackend, 2> = Tensor::zeros(hs.dims(), (&device, hs.dtype()));
     let leaf = hs.detach().require_grad();
-    let mut tied = TiedLeaf::new(student);
+    // A top-k divergence reads the student's head at k ids per position (see
+    // [`per_token_range`]): no dense head product carries a gradient, so no tied leaf.
+    let sparse = matches!(obj, Objective::Distill(div) if div.top_k_support(student.config.vocab_size).is_some());
+    let inner = sparse.then(|| student.valid());
+    let mut tied = if sparse { None } else { TiedLeaf::new(student) };
     let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
     let (mut loss, mut values, mut entropy) = (0.0, Vec::with_capacity(targets.len()), Vec::with_capacity(targets.len()));
     let chunk = chunk.max(1);
     for start in (0..targets.len()).step_by(chunk) {
         let end = (start + chunk).min(targets.len());
         let t = teacher.as_ref().map(|(m, h)| (*m, h.clone()));
-        let (pt, s_logits) = per_token_range(obj, student, tied.as_ref().map(|l| &l.emb_t), leaf.clone(), t, targets, start..end);
-        // Student entropy at these positions (metrics only).
-        let lq = log_softmax(s_logits.inner(), 1);
-        let ent = (lq.clone().exp() * lq).sum_dim(1).neg().reshape([end - start]);
-        entropy.extend(host(ent));
+        let (pt, s_logits) = per_token_range(obj, student, inner.as_ref(), tied.as_ref().map(|l| &l.emb_t), leaf.clone(), t, targets, start..end);
+        entropy.extend(host(row_entropy(s_logits))); // metrics only
         values.extend(host(pt.value.inner()));
         let l = token_mean(pt.loss, step_tokens);
         loss += l.clone().inner().into_data().convert::<f64>().to_vec::<f64>().expect("f64")[0];
@@ -292,7 +342,9 @@ pub fn loss_unchunked<B: AutodiffBackend>(
     targets: &Targets,
     step_tokens: usize,
 ) -> Tensor<B, 1> {
+    // The dense head throughout, also for a top-k divergence: the reference for
+    // [`CausalLm::logits_at`] too.
     let obj = Objective::Distill(div);
-    let (pt, _) = per_token_range(&obj, student, None, flat(student_hidden), Some((teacher, flat(teacher_hidden))), targets, 0..targets.len());
+    let (pt, _) = per_token_range(&obj, student, None, None, flat(student_hidden), Some((teacher, flat(teacher_hidden))), targets, 0..targets.len());
     token_mean(pt.loss, step_tokens)
 }
