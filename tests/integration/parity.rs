@@ -270,15 +270,20 @@ fn flex_in_place_writes_equal_plain_loops_and_leave_shared_buffers_alone() {
             }
         }
     }
-    for shared in [false, true] {
-        let t = Tensor::<F, 3>::from_data(TensorData::new(base.clone(), [a, b, c]), &device);
-        let keep = shared.then(|| t.clone());
-        let v = Tensor::<F, 3>::from_data(TensorData::new(vals.clone(), [a, 2, c]), &device);
-        assert_eq!(host(t.slice_assign([0..a, 1..3, 0..c], v)), want, "slice_assign, shared buffer: {shared}");
-        if let Some(keep) = keep {
-            assert_eq!(host(keep), base, "slice_assign: the sharer's values changed");
+    // `op` on a fresh [a, b, c] tensor of `base` and on one whose buffer is shared: both give
+    // `want`, and the sharer keeps `base`.
+    let both = |what: &str, want: &[f32], op: &dyn Fn(Tensor<F, 3>) -> Tensor<F, 3>| {
+        for shared in [false, true] {
+            let t = Tensor::<F, 3>::from_data(TensorData::new(base.clone(), [a, b, c]), &device);
+            let keep = shared.then(|| t.clone());
+            assert_eq!(host(op(t)), want, "{what}, shared buffer: {shared}");
+            if let Some(keep) = keep {
+                assert_eq!(host(keep), base, "{what}: the sharer's values changed");
+            }
         }
-    }
+    };
+    let v = Tensor::<F, 3>::from_data(TensorData::new(vals.clone(), [a, 2, c]), &device);
+    both("slice_assign", &want, &|t| t.slice_assign([0..a, 1..3, 0..c], v.clone()));
     let ids = [3usize, 0, 3, 1, 3]; // repeated: their values must all be added
     for dim in 0..3 {
         let n = [a, b, c][dim];
@@ -299,22 +304,14 @@ fn flex_in_place_writes_equal_plain_loops_and_leave_shared_buffers_alone() {
         }
         let idx = Tensor::<F, 1, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [ids.len()]), &device);
         let v = Tensor::<F, 3>::from_data(TensorData::new(vals.clone(), vshape), &device);
-        let fresh = Tensor::<F, 3>::from_data(TensorData::new(base.clone(), [a, b, c]), &device);
-        assert_eq!(host(fresh.select_assign(dim, idx.clone(), v.clone(), Add)), want, "select_add, dim {dim}, owned buffer");
-        let shared = Tensor::<F, 3>::from_data(TensorData::new(base.clone(), [a, b, c]), &device);
-        let keep = shared.clone();
-        assert_eq!(host(shared.select_assign(dim, idx, v, Add)), want, "select_add, dim {dim}, shared buffer");
-        assert_eq!(host(keep.clone()), base, "select_add, dim {dim}: the sharer's values changed");
+        both(&format!("select_add, dim {dim}"), &want, &|t| t.select_assign(dim, idx.clone(), v.clone(), Add));
         // 2-D: the same over [a, b·c] (dim 0) and [a·b, c] (dim 1).
         if dim != 1 {
-            let (rows, cols) = if dim == 0 { (a, b * c) } else { (a * b, c) };
-            let t2 = keep.clone().reshape([rows, cols]);
-            let keep2 = t2.clone();
-            let v2 = Tensor::<F, 3>::from_data(TensorData::new(vals.clone(), vshape), &device).reshape(if dim == 0 { [ids.len(), cols] } else { [rows, ids.len()] });
-            let idx = Tensor::<F, 1, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [ids.len()]), &device);
-            let got = t2.select_assign(if dim == 0 { 0 } else { 1 }, idx, v2, Add).reshape([a, b, c]);
-            assert_eq!(host(got), want, "select_add 2-D, dim {dim}");
-            assert_eq!(host(keep2.reshape([a, b, c])), base, "select_add 2-D, dim {dim}: the sharer's values changed");
+            let (rows, cols, dim2) = if dim == 0 { (a, b * c, 0) } else { (a * b, c, 1) };
+            let v2 = v.clone().reshape(if dim == 0 { [ids.len(), cols] } else { [rows, ids.len()] });
+            both(&format!("select_add 2-D, dim {dim}"), &want, &|t| {
+                t.reshape([rows, cols]).select_assign(dim2, idx.clone(), v2.clone(), Add).reshape([a, b, c])
+            });
         }
         // scatter_add: out[.., idx[i, j, k], ..] += vals[i, j, k] with idx shaped like vals.
         let sidx: Vec<usize> = (0..vals.len()).map(|i| (i * 3 + 1) % n).collect();
@@ -330,12 +327,6 @@ fn flex_in_place_writes_equal_plain_loops_and_leave_shared_buffers_alone() {
             }
         }
         let sidx = Tensor::<F, 3, Int>::from_data(TensorData::new(sidx.iter().map(|&i| i as i64).collect::<Vec<_>>(), vshape), &device);
-        let v = Tensor::<F, 3>::from_data(TensorData::new(vals.clone(), vshape), &device);
-        let fresh = Tensor::<F, 3>::from_data(TensorData::new(base.clone(), [a, b, c]), &device);
-        assert_eq!(host(fresh.scatter(dim, sidx.clone(), v.clone(), Add)), want, "scatter_add, dim {dim}, owned buffer");
-        let shared = Tensor::<F, 3>::from_data(TensorData::new(base.clone(), [a, b, c]), &device);
-        let keep = shared.clone();
-        assert_eq!(host(shared.scatter(dim, sidx, v, Add)), want, "scatter_add, dim {dim}, shared buffer");
-        assert_eq!(host(keep), base, "scatter_add, dim {dim}: the sharer's values changed");
+        both(&format!("scatter_add, dim {dim}"), &want, &|t| t.scatter(dim, sidx.clone(), v.clone(), Add));
     }
 }

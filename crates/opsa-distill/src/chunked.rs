@@ -97,13 +97,11 @@ fn row_logits<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 2>) -> Tensor<B
 
 /// [`head`], with a tied head's weight given as `emb_t` `[hidden, vocab]` (see [`TiedLeaf`]).
 fn head_with<B: Backend>(model: &CausalLm<B>, emb_t: Option<&Tensor<B, 2>>, hidden: Tensor<B, 2>, rows: &[usize]) -> Tensor<B, 2> {
-    let h = hidden.select(0, index::<B>(rows, &model.device())).unsqueeze::<3>();
-    let c = rows.len();
+    let h = hidden.select(0, index::<B>(rows, &model.device())); // [c, hidden]
     match emb_t {
-        Some(w) => opsa_models::decoder::tied_logits(h, w.clone()),
-        None => model.logits(h),
+        Some(w) => opsa_models::decoder::tied_logits(h.unsqueeze::<3>(), w.clone()).reshape([rows.len(), model.config.vocab_size]),
+        None => row_logits(model, h),
     }
-    .reshape([c, model.config.vocab_size])
 }
 
 /// A tied head's weight as a leaf of its own, transposed: `[hidden, vocab]`.
